@@ -1,0 +1,267 @@
+/* SIMD inner loops for the float32 kernels, with runtime dispatch.
+ *
+ * The package is compiled without -march flags so the wheel runs on any x86-64 CPU. Each hot
+ * loop exists three times: AVX-512F, AVX2+FMA and portable C. lf_simd_level() picks one per
+ * process from __builtin_cpu_supports; LLM_FAST_SIMD=scalar|avx2|avx512 forces a lower level.
+ *
+ * Determinism: every output of the matmul tiles is one dot product accumulated in a single
+ * vector register over k (chunks of the vector width, masked tail) and reduced in a fixed order.
+ * So a value does not depend on the tile it was computed in, on the row count m (prefill ==
+ * token-by-token decode, bit for bit), or on the number of threads.
+ */
+#ifndef LLM_FAST_SIMD_H
+#define LLM_FAST_SIMD_H
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LF_X86 1
+#include <immintrin.h>
+#else
+#define LF_X86 0
+#endif
+
+#define LF_SCALAR 0
+#define LF_AVX2 1
+#define LF_AVX512 2
+
+static int lf_level_cached = -1;
+
+static int lf_simd_level(void) {
+    if (lf_level_cached >= 0) return lf_level_cached;
+    int lvl = LF_SCALAR;
+#if LF_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) lvl = LF_AVX2;
+    if (lvl == LF_AVX2 && __builtin_cpu_supports("avx512f")) lvl = LF_AVX512;
+#endif
+    const char *env = getenv("LLM_FAST_SIMD");
+    if (env) {
+        if (strcmp(env, "scalar") == 0) lvl = LF_SCALAR;
+        else if (strcmp(env, "avx2") == 0 && lvl > LF_AVX2) lvl = LF_AVX2;
+    }
+    lf_level_cached = lvl;
+    return lvl;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* matmul tiles: C[i, j] = beta * C[i, j] + alpha * dot(A[i, :k], B[j, :k]), i < MR, j < NR     */
+
+static inline float lf_finish(float beta, float c, float alpha, float d) {
+    return beta == 0.0f ? alpha * d : beta * c + alpha * d;
+}
+
+#define LF_TILE_SCALAR(MR, NR)                                                                 \
+    static void lf_tile_sc_##MR##x##NR(const float *A, long lda, const float *B, long ldb,   \
+                                       long k, float *C, long ldc, float alpha, float beta) { \
+        float acc[MR][NR];                                                                     \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++) acc[i][j] = 0.0f;                                     \
+        for (long p = 0; p < k; p++)                                                           \
+            for (int i = 0; i < MR; i++)                                                       \
+                for (int j = 0; j < NR; j++) acc[i][j] += A[i * lda + p] * B[j * ldb + p];     \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++)                                                       \
+                C[i * ldc + j] = lf_finish(beta, C[i * ldc + j], alpha, acc[i][j]);            \
+    }
+
+#if LF_X86
+__attribute__((target("avx2,fma"))) static inline float lf_hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    __m128 sh = _mm_movehl_ps(lo, lo);
+    lo = _mm_add_ps(lo, sh);
+    sh = _mm_shuffle_ps(lo, lo, 0x55);
+    return _mm_cvtss_f32(_mm_add_ss(lo, sh));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256i lf_tailmask256(long r) {
+    const int idx[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    __m256i iv = _mm256_loadu_si256((const __m256i *)idx);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), iv);
+}
+
+#define LF_TILE_AVX2(MR, NR)                                                                   \
+    __attribute__((target("avx2,fma"))) static void lf_tile_a2_##MR##x##NR(                  \
+        const float *A, long lda, const float *B, long ldb, long k, float *C, long ldc,       \
+        float alpha, float beta) {                                                             \
+        __m256 acc[MR][NR];                                                                    \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();                      \
+        long p = 0;                                                                            \
+        for (; p + 8 <= k; p += 8) {                                                           \
+            __m256 b[NR];                                                                      \
+            for (int j = 0; j < NR; j++) b[j] = _mm256_loadu_ps(B + j * ldb + p);             \
+            for (int i = 0; i < MR; i++) {                                                     \
+                __m256 a = _mm256_loadu_ps(A + i * lda + p);                                   \
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);  \
+            }                                                                                  \
+        }                                                                                      \
+        if (p < k) {                                                                           \
+            __m256i m = lf_tailmask256(k - p);                                                 \
+            __m256 b[NR];                                                                      \
+            for (int j = 0; j < NR; j++) b[j] = _mm256_maskload_ps(B + j * ldb + p, m);       \
+            for (int i = 0; i < MR; i++) {                                                     \
+                __m256 a = _mm256_maskload_ps(A + i * lda + p, m);                             \
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);  \
+            }                                                                                  \
+        }                                                                                      \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++)                                                       \
+                C[i * ldc + j] = lf_finish(beta, C[i * ldc + j], alpha, lf_hsum256(acc[i][j])); \
+    }
+
+#define LF_TILE_AVX512(MR, NR)                                                                 \
+    __attribute__((target("avx512f,fma"))) static void lf_tile_a5_##MR##x##NR(                \
+        const float *A, long lda, const float *B, long ldb, long k, float *C, long ldc,       \
+        float alpha, float beta) {                                                             \
+        __m512 acc[MR][NR];                                                                    \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();                      \
+        long p = 0;                                                                            \
+        for (; p + 16 <= k; p += 16) {                                                         \
+            __m512 b[NR];                                                                      \
+            for (int j = 0; j < NR; j++) b[j] = _mm512_loadu_ps(B + j * ldb + p);             \
+            for (int i = 0; i < MR; i++) {                                                     \
+                __m512 a = _mm512_loadu_ps(A + i * lda + p);                                   \
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);  \
+            }                                                                                  \
+        }                                                                                      \
+        if (p < k) {                                                                           \
+            __mmask16 m = (__mmask16)((1u << (k - p)) - 1u);                                   \
+            __m512 b[NR];                                                                      \
+            for (int j = 0; j < NR; j++) b[j] = _mm512_maskz_loadu_ps(m, B + j * ldb + p);    \
+            for (int i = 0; i < MR; i++) {                                                     \
+                __m512 a = _mm512_maskz_loadu_ps(m, A + i * lda + p);                          \
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);  \
+            }                                                                                  \
+        }                                                                                      \
+        for (int i = 0; i < MR; i++)                                                           \
+            for (int j = 0; j < NR; j++)                                                       \
+                C[i * ldc + j] = lf_finish(beta, C[i * ldc + j], alpha,                        \
+                                           _mm512_reduce_add_ps(acc[i][j]));                   \
+    }
+#endif
+
+#define LF_TILES(GEN) \
+    GEN(1, 1) GEN(1, 2) GEN(1, 3) GEN(1, 4) GEN(2, 1) GEN(2, 2) GEN(2, 3) GEN(2, 4) \
+    GEN(3, 1) GEN(3, 2) GEN(3, 3) GEN(3, 4) GEN(4, 1) GEN(4, 2) GEN(4, 3) GEN(4, 4)
+
+LF_TILES(LF_TILE_SCALAR)
+#if LF_X86
+LF_TILES(LF_TILE_AVX2)
+LF_TILES(LF_TILE_AVX512)
+#endif
+
+typedef void (*lf_tile_fn)(const float *, long, const float *, long, long, float *, long, float,
+                           float);
+
+#define LF_TABLE(PFX)                                                                          \
+    {{lf_tile_##PFX##_1x1, lf_tile_##PFX##_1x2, lf_tile_##PFX##_1x3, lf_tile_##PFX##_1x4},     \
+     {lf_tile_##PFX##_2x1, lf_tile_##PFX##_2x2, lf_tile_##PFX##_2x3, lf_tile_##PFX##_2x4},     \
+     {lf_tile_##PFX##_3x1, lf_tile_##PFX##_3x2, lf_tile_##PFX##_3x3, lf_tile_##PFX##_3x4},     \
+     {lf_tile_##PFX##_4x1, lf_tile_##PFX##_4x2, lf_tile_##PFX##_4x3, lf_tile_##PFX##_4x4}}
+
+static const lf_tile_fn lf_tiles_sc[4][4] = LF_TABLE(sc);
+#if LF_X86
+static const lf_tile_fn lf_tiles_a2[4][4] = LF_TABLE(a2);
+static const lf_tile_fn lf_tiles_a5[4][4] = LF_TABLE(a5);
+#endif
+
+static inline lf_tile_fn lf_tile(int level, int mr, int nr) {
+#if LF_X86
+    if (level == LF_AVX512) return lf_tiles_a5[mr - 1][nr - 1];
+    if (level == LF_AVX2) return lf_tiles_a2[mr - 1][nr - 1];
+#endif
+    return lf_tiles_sc[mr - 1][nr - 1];
+}
+
+/* One column block of C: rows [0, m) x columns [0, nr) (nr <= 4), B points at row j0. */
+static void lf_gemm_colblock(int level, const float *A, long lda, const float *B, long ldb,
+                             long k, float *C, long ldc, long m, int nr, float alpha,
+                             float beta) {
+    lf_tile_fn full = lf_tile(level, 4, nr);
+    long i = 0;
+    for (; i + 4 <= m; i += 4) full(A + i * lda, lda, B, ldb, k, C + i * ldc, ldc, alpha, beta);
+    if (i < m) lf_tile(level, (int)(m - i), nr)(A + i * lda, lda, B, ldb, k, C + i * ldc, ldc, alpha, beta);
+}
+
+/* Single dot product with the same reduction order as the tiles. */
+static inline float lf_dot(int level, const float *a, const float *b, long k) {
+    float c = 0.0f;
+    lf_tile(level, 1, 1)(a, 0, b, 0, k, &c, 0, 1.0f, 0.0f);
+    return c;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* y[:n] += a * x[:n]                                                                           */
+#if LF_X86
+__attribute__((target("avx512f,fma"))) static void lf_axpy_a5(float *y, float a, const float *x,
+                                                              long n) {
+    __m512 va = _mm512_set1_ps(a);
+    long i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i),
+                                                        _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+__attribute__((target("avx2,fma"))) static void lf_axpy_a2(float *y, float a, const float *x,
+                                                           long n) {
+    __m256 va = _mm256_set1_ps(a);
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+#endif
+static inline void lf_axpy(int level, float *y, float a, const float *x, long n) {
+#if LF_X86
+    if (level == LF_AVX512) { lf_axpy_a5(y, a, x, n); return; }
+    if (level == LF_AVX2) { lf_axpy_a2(y, a, x, n); return; }
+#endif
+    for (long i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Row-wise helpers used by several kernels.                                                    */
+
+static inline float lf_sumsq(int level, const float *x, long n) { return lf_dot(level, x, x, n); }
+
+/* out = w * x / sqrt(mean(x^2) + eps) */
+static inline void lf_rms_norm_row(int level, float *out, const float *x, const float *w, long n,
+                                   float eps) {
+    float ss = lf_sumsq(level, x, n);
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (long i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
+}
+
+/* In-place softmax of x[:n]; x[n:total] (masked part) set to 0. */
+static inline void lf_softmax_row(float *x, long n, long total) {
+    if (n <= 0) { for (long i = 0; i < total; i++) x[i] = 0.0f; return; }
+    float mx = x[0];
+    for (long i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    float s = 0.0f;
+    for (long i = 0; i < n; i++) { float e = expf(x[i] - mx); x[i] = e; s += e; }
+    float inv = 1.0f / s;
+    for (long i = 0; i < n; i++) x[i] *= inv;
+    for (long i = n; i < total; i++) x[i] = 0.0f;
+}
+
+/* Rotate-half RoPE of one head vector x[:d] with cos/sin rows of length d/2. */
+static inline void lf_rope_head(float *x, const float *cs, const float *sn, long d) {
+    long h = d / 2;
+    for (long i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        x[i] = a * cs[i] - b * sn[i];
+        x[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+
+static inline float lf_silu(float g) { return g / (1.0f + expf(-g)); }
+
+#endif /* LLM_FAST_SIMD_H */

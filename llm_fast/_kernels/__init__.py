@@ -1,0 +1,1 @@
+"""Compiled kernels (built from csrc/). Import them through llm_fast.kernels."""

