@@ -170,3 +170,18 @@ def test_fixture_coverage():
     assert {"float32", "bfloat16", "float16"} <= {m["storage_dtype"] for m in metas}
     assert "MistralForCausalLM" in {m["arch"] for m in metas}
     assert any(c["tie_word_embeddings"] and not m["stores_lm_head"] for c, m in zip(configs, metas))
+
+
+def test_random_trim_and_redo(random_model):
+    """cache.trim(n) keeps the first n positions: rewinding over a wrong token still matches HF."""
+    model, golden = random_model
+    prompt, decode_ids = golden["prompt_ids"].tolist(), golden["decode_ids"].tolist()
+    cache = model.new_cache()
+    model.forward(prompt + decode_ids[:5], cache, logits="all")
+    cache.trim(len(prompt) + 2)
+    model.forward([(decode_ids[2] + 1) % len(golden["prompt_logits"][0])], cache)  # a token HF never saw
+    cache.trim(len(prompt) + 2)
+    assert cache.length == len(prompt) + 2
+    for step in range(2, len(decode_ids)):
+        last = model.forward([decode_ids[step]], cache)
+        assert_logits_close(last, golden["decode_logits"][step], f"decode step {step} after trim")

@@ -1,0 +1,244 @@
+# cython: language_level=3
+"""Quantized-weight kernels: ggml Q8_0 / Q4_0 / Q4_1 (and F16 / BF16) rows times f32 activations.
+
+Thin typed wrappers over csrc/quant.h. Weights stay in ggml block layout (uint8 rows); the
+activations of a call are quantized to 8 bits once, into a `Workspace` the caller owns and that
+grows on demand (allocation happens only when a call needs more room than any call before it).
+Output rows are split between OpenMP threads with a static schedule, and every output element is
+computed by one thread in a fixed order, so results do not depend on the thread count.
+
+Type codes: 0 q8_0, 1 q4_0, 2 q4_1, 3 f16, 4 bf16 (see QTYPE_CODES).
+"""
+import os
+
+import numpy as np
+
+from libc.stdint cimport uint8_t, int8_t, int32_t, int64_t
+from cython.parallel cimport prange
+
+cdef extern from "quant.h" nogil:
+    ctypedef struct lfq_act:
+        const int8_t *q
+        const float *ds
+        const float *xf
+        int64_t q_stride
+        int64_t ds_stride
+        int64_t xf_stride
+    ctypedef void (*lfq_rows_fn)(const uint8_t *w, int64_t rb, int64_t nrows, int64_t K,
+                                 const lfq_act *x, int m, float *out, int64_t ldo,
+                                 float beta) noexcept nogil
+    ctypedef void (*lfq_quantize_fn)(const float *x, int64_t K, int8_t *q,
+                                     float *ds) noexcept nogil
+    int LFQ_SCALAR, LFQ_AVX2, LFQ_AVX512, LFQ_NTYPES
+    void lfq_set_num_threads(int n)
+    int lfq_get_num_threads()
+    int lfq_have_openmp()
+    int lfq_hw_level()
+    int lfq_set_level(int requested)
+    int lfq_get_level()
+    void lfq_dequant_row(int qtype, const uint8_t *w, int64_t K, float *y)
+    lfq_rows_fn lfq_rows_kernel(int qtype, int level)
+    lfq_quantize_fn lfq_quantize_kernel(int level)
+
+QTYPE_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "f16": 3, "bf16": 4}
+# (weights per block, bytes per block)
+BLOCK = {0: (32, 34), 1: (32, 18), 2: (32, 20), 3: (1, 2), 4: (1, 2)}
+SIMD_LEVELS = ("scalar", "avx2", "avx512")
+
+cdef int ROW_TILE = 8      # weight rows per parallel work item (kept in L1 while x is swept)
+cdef int PAR_QUANT_ROWS = 8  # quantize activation rows in parallel from this many rows on
+
+
+# ------------------------------------------------------------------ threads and SIMD level
+
+def set_num_threads(int n):
+    """Set the OpenMP thread count used by all llm_fast kernels (omp_set_num_threads)."""
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    lfq_set_num_threads(n)
+
+
+def get_num_threads():
+    """The OpenMP thread count a parallel kernel will use (omp_get_max_threads; 1 without OpenMP)."""
+    return lfq_get_num_threads()
+
+
+def have_openmp():
+    return bool(lfq_have_openmp())
+
+
+def simd_level():
+    """The SIMD level in force: 'scalar', 'avx2' or 'avx512'."""
+    return SIMD_LEVELS[lfq_get_level()]
+
+
+def hardware_simd_level():
+    """The best SIMD level this CPU supports."""
+    return SIMD_LEVELS[lfq_hw_level()]
+
+
+def set_simd_level(name):
+    """Cap the SIMD level ('scalar' | 'avx2' | 'avx512'); returns the level in force, which is
+    lower when the CPU lacks the instructions. Call it while no kernel is running."""
+    if name not in SIMD_LEVELS:
+        raise ValueError(f"SIMD level must be one of {SIMD_LEVELS}, got {name!r}")
+    return SIMD_LEVELS[lfq_set_level(SIMD_LEVELS.index(name))]
+
+
+_env = os.environ.get("LLM_FAST_SIMD", "").strip().lower()
+if _env:
+    if _env not in SIMD_LEVELS:
+        raise ValueError(f"LLM_FAST_SIMD must be one of {SIMD_LEVELS}, got {_env!r}")
+    lfq_set_level(SIMD_LEVELS.index(_env))
+else:
+    lfq_set_level(2)
+
+
+# ------------------------------------------------------------------ workspace
+
+cdef inline int64_t _round_up(int64_t n, int64_t k) noexcept nogil:
+    return (n + k - 1) // k * k
+
+
+cdef class Workspace:
+    """Scratch for the 8-bit activations of one matmul call: m rows of K int8 (row stride K
+    rounded up to 64) followed by m rows of K/32 (d, s) float pairs. Grows on demand, never
+    shrinks; one Workspace must not be used by two calls at the same time."""
+    cdef object buf
+    cdef uint8_t *ptr
+    cdef readonly int64_t capacity
+
+    def __cinit__(self):
+        self.buf = None
+        self.ptr = NULL
+        self.capacity = 0
+
+    cdef uint8_t *reserve(self, int64_t nbytes) except NULL:
+        cdef uint8_t[::1] view
+        cdef int64_t off
+        if nbytes > self.capacity or self.ptr == NULL:
+            nbytes = max(nbytes, 2 * self.capacity, 4096)
+            self.buf = np.empty(nbytes + 64, dtype=np.uint8)
+            view = self.buf
+            off = (64 - (<size_t>&view[0]) % 64) % 64
+            self.ptr = &view[0] + off
+            self.capacity = nbytes
+        return self.ptr
+
+
+# ------------------------------------------------------------------ kernels
+
+cdef inline int64_t _cols_from_row_bytes(int qtype, int64_t row_bytes) except -1:
+    if qtype < 0 or qtype >= LFQ_NTYPES:
+        raise ValueError(f"unknown quantization type code {qtype}")
+    qk, bs = BLOCK[qtype]
+    if row_bytes % bs:
+        raise ValueError(f"row of {row_bytes} bytes is not a whole number of {bs}-byte blocks")
+    return row_bytes // bs * qk
+
+
+def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1] x,
+           float[:, ::1] out, float beta, Workspace ws):
+    """out = beta * out + x @ W.T, W given as `w` (rows, row_bytes) in ggml layout with `cols`
+    weights per row. x: (m, cols) float32; out: (m, rows) float32. beta == 0: out is not read."""
+    cdef int64_t rows = w.shape[0], m = x.shape[0], K = cols, nb = 0, qstride = 0, i, t, ntiles, r0, nr
+    cdef int level = lfq_get_level()
+    cdef lfq_rows_fn fn
+    cdef lfq_quantize_fn qfn = lfq_quantize_kernel(level)
+    cdef lfq_act act
+    cdef uint8_t *scratch
+    cdef int8_t *xq = NULL
+    cdef float *xds = NULL
+    cdef int tile = ROW_TILE
+    if _cols_from_row_bytes(qtype, w.shape[1]) != cols:
+        raise ValueError(f"weight rows of {w.shape[1]} bytes do not hold {cols} columns")
+    if x.shape[1] != cols:
+        raise ValueError(f"x has {x.shape[1]} columns, the weight has {cols}")
+    if out.shape[0] != m or out.shape[1] != rows:
+        raise ValueError(f"out has shape {(out.shape[0], out.shape[1])}, expected {(m, rows)}")
+    if m == 0 or rows == 0:
+        return
+    if m > 2147483647:
+        raise ValueError("too many activation rows")
+    fn = lfq_rows_kernel(qtype, level)
+    act.xf = &x[0, 0]
+    act.xf_stride = cols
+    act.q = NULL
+    act.ds = NULL
+    act.q_stride = 0
+    act.ds_stride = 0
+    if qtype <= 2:
+        nb = cols // 32
+        qstride = _round_up(cols, 64)
+        scratch = ws.reserve(m * qstride + m * nb * 2 * sizeof(float))
+        xq = <int8_t *>scratch
+        xds = <float *>(scratch + m * qstride)
+        act.q = xq
+        act.ds = xds
+        act.q_stride = qstride
+        act.ds_stride = 2 * nb
+    ntiles = (rows + tile - 1) // tile
+    with nogil:
+        if qtype <= 2:
+            if m >= PAR_QUANT_ROWS:
+                for i in prange(m, schedule="static"):
+                    qfn(&x[i, 0], K, xq + i * qstride, xds + i * 2 * nb)
+            else:
+                for i in range(m):
+                    qfn(&x[i, 0], K, xq + i * qstride, xds + i * 2 * nb)
+        for t in prange(ntiles, schedule="static"):
+            r0 = t * tile
+            nr = rows - r0
+            if nr > tile:
+                nr = tile
+            fn(&w[r0, 0], w.shape[1], nr, K, &act, <int>m, &out[0, r0], rows, beta)
+
+
+def quantize_activations(const float[:, ::1] x):
+    """Test hook: the 8-bit activation quantization the matmul uses, as (q int8 (m, K),
+    ds float32 (m, K/32, 2) with ds[..., 0] = d and ds[..., 1] = d * sum(q))."""
+    cdef int64_t m = x.shape[0], K = x.shape[1], i
+    if K % 32:
+        raise ValueError(f"activation row length {K} is not a multiple of 32")
+    q = np.empty((m, K), dtype=np.int8)
+    ds = np.empty((m, K // 32, 2), dtype=np.float32)
+    cdef int8_t[:, ::1] qv = q
+    cdef float[:, :, ::1] dv = ds
+    cdef lfq_quantize_fn qfn = lfq_quantize_kernel(lfq_get_level())
+    if m and K:
+        with nogil:
+            for i in range(m):
+                qfn(&x[i, 0], K, &qv[i, 0], &dv[i, 0, 0])
+    return q, ds
+
+
+def dequantize(int qtype, const uint8_t[:, ::1] w, float[:, ::1] out):
+    """out[r] = dequantized row r of w (bit-exact with ggml's dequantization)."""
+    cdef int64_t rows = w.shape[0], K = _cols_from_row_bytes(qtype, w.shape[1]), r
+    if out.shape[0] != rows or out.shape[1] != K:
+        raise ValueError(f"out has shape {(out.shape[0], out.shape[1])}, expected {(rows, K)}")
+    if rows == 0 or K == 0:
+        return
+    with nogil:
+        for r in prange(rows, schedule="static"):
+            lfq_dequant_row(qtype, &w[r, 0], K, &out[r, 0])
+
+
+def dequantize_rows(int qtype, const uint8_t[:, ::1] w, const int64_t[::1] ids, float[:, ::1] out):
+    """out[i] = dequantized row ids[i] of w (embedding lookup)."""
+    cdef int64_t rows = w.shape[0], K = _cols_from_row_bytes(qtype, w.shape[1]), n = ids.shape[0]
+    cdef int64_t i
+    if out.shape[0] != n or out.shape[1] != K:
+        raise ValueError(f"out has shape {(out.shape[0], out.shape[1])}, expected {(n, K)}")
+    for i in range(n):
+        if ids[i] < 0 or ids[i] >= rows:
+            raise IndexError(f"row id {ids[i]} out of range for {rows} rows")
+    if n == 0 or K == 0:
+        return
+    with nogil:
+        if n >= 16:
+            for i in prange(n, schedule="static"):
+                lfq_dequant_row(qtype, &w[ids[i], 0], K, &out[i, 0])
+        else:
+            for i in range(n):
+                lfq_dequant_row(qtype, &w[ids[i], 0], K, &out[i, 0])

@@ -1,0 +1,149 @@
+"""Sampling: a documented chain with its own seeded RNG.
+
+Order (the Hugging Face order): repetition penalty -> temperature -> top-k -> top-p -> min-p
+-> draw.
+- repetition_penalty p (HF / CTRL): for every token id already in the context, a positive logit
+  is divided by p and a negative one multiplied by p. 1.0 disables it.
+- temperature 0 means greedy (argmax; ties go to the lowest id); otherwise logits / temperature.
+- top_k k: keep the k most likely tokens (0 disables).
+- top_p p (HF, renormalised): sort by probability, keep the smallest set whose cumulative
+  probability reaches p (the token that crosses p is kept whole), renormalise. 1.0 disables.
+  This differs from the course's sampler, which keeps only part of the boundary token's mass.
+- min_p m: drop tokens whose probability is below m x the top probability (0 disables).
+- draw: inverse-CDF with a numpy Generator seeded by `seed` (same seed, same tokens).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        def num(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        num("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        num("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        num("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        num("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, context_ids, penalty: float) -> None:
+    """In place on logits (vocab,)."""
+    if penalty == 1.0 or len(context_ids) == 0:
+        return
+    ids = np.unique(np.asarray(context_ids, dtype=np.int64))
+    vals = logits[ids]
+    logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+
+
+def _top_p_cut(sorted_probs: np.ndarray, top_p: float) -> int:
+    """Number of leading (descending) probabilities kept by top-p."""
+    csum = np.cumsum(sorted_probs, dtype=np.float64)
+    # keep tokens until the mass before them reaches top_p
+    return max(1, int(np.searchsorted(csum, top_p * csum[-1], side="left")) + 1)
+
+
+class Sampler:
+    """Chooses the next token from logits. Holds the RNG: one Sampler per generation stream."""
+
+    # Candidates examined before falling back to a full sort (exact either way).
+    _CANDIDATES = 1024
+
+    def __init__(self, params: SamplingParams = SamplingParams()):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self._work: Optional[np.ndarray] = None
+
+    def __call__(self, logits: np.ndarray, context_ids=()) -> int:
+        return self.sample(logits, context_ids)
+
+    def candidates(self, logits: np.ndarray, context_ids=()):
+        """(ids, probabilities) the draw chooses from, most likely first (probs sum to 1)."""
+        p = self.params
+        if self._work is None or self._work.shape != logits.shape:
+            self._work = np.empty_like(logits, dtype=np.float32)
+        x = self._work
+        np.copyto(x, logits)
+        apply_repetition_penalty(x, context_ids, p.repetition_penalty)
+        if p.greedy:
+            i = int(np.argmax(x))
+            return np.array([i]), np.array([1.0])
+        x = x.astype(np.float64) / p.temperature
+        n = x.shape[0]
+        k = p.top_k if 0 < p.top_k < n else n
+        # Work on the k' most likely tokens; enlarge to the full vocabulary only if top-p or the
+        # probability mass needs more (keeps sampling O(vocab) instead of a full sort per token).
+        kk = min(k, self._CANDIDATES) if (p.top_p < 1.0 or k < n) else n
+        while True:
+            if kk < n:
+                idx = np.argpartition(-x, kk - 1)[:kk]
+            else:
+                idx = np.arange(n)
+            order = idx[np.lexsort((idx, -x[idx]))]  # descending logit, ties by id
+            vals = x[order]
+            m = vals[0]
+            probs_all = np.exp(x - m) if kk < k else None
+            e = np.exp(vals - m)
+            total = probs_all.sum() if probs_all is not None else e.sum()
+            probs = e / total
+            if k < n and kk >= k:
+                probs = probs / probs.sum()  # top-k renormalises over the k kept
+            if p.top_p < 1.0:
+                if probs.sum() < p.top_p and kk < k:
+                    kk = min(k, kk * 8)      # the boundary lies beyond our candidates
+                    continue
+                cut = _top_p_cut(probs, p.top_p) if kk >= k else _top_p_cut_partial(probs, p.top_p)
+                order, probs = order[:cut], probs[:cut]
+            elif kk < k:
+                kk = k
+                continue
+            break
+        if p.min_p > 0.0:
+            keep = probs >= p.min_p * probs[0]
+            order, probs = order[keep], probs[keep]
+        return order, probs / probs.sum()
+
+    def sample(self, logits: np.ndarray, context_ids=()) -> int:
+        if self.params.greedy and self.params.repetition_penalty == 1.0:
+            return int(np.argmax(logits))
+        ids, probs = self.candidates(logits, context_ids)
+        if len(ids) == 1:
+            return int(ids[0])
+        u = self.rng.random()
+        j = int(np.searchsorted(np.cumsum(probs), u, side="right"))
+        return int(ids[min(j, len(ids) - 1)])
+
+
+def _top_p_cut_partial(probs: np.ndarray, top_p: float) -> int:
+    """top-p cut when probs are already normalised over the whole vocabulary."""
+    csum = np.cumsum(probs, dtype=np.float64)
+    return max(1, int(np.searchsorted(csum, top_p, side="left")) + 1)
