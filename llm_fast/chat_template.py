@@ -58,7 +58,8 @@ class ChatTemplateError(LLMFastError, ValueError):
 
 
 class TemplateError(ChatTemplateError):
-    """The template refused the conversation (its `raise_exception(...)`) or failed to compile/render."""
+    """The template refused the conversation (its `raise_exception(...)`), or failed to compile
+    or render."""
 
 
 class TemplateSecurityError(TemplateError):
@@ -251,7 +252,8 @@ def _plain(value: Any) -> Any:
 def _alias_reasoning_fields(chat: list) -> list:
     out = []
     for message in chat:
-        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None),
+                         None)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
@@ -313,7 +315,8 @@ class ChatTemplate:
     def chatml(cls, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
                **template_vars) -> "ChatTemplate":
         """The course's ChatML template, for models that ship none (chosen explicitly)."""
-        return cls(CHATML_TEMPLATE, bos_token, eos_token, origin="ChatML template", **template_vars)
+        return cls(CHATML_TEMPLATE, bos_token, eos_token, origin="ChatML template",
+                   **template_vars)
 
     @property
     def bos_token(self) -> Optional[str]:
@@ -401,7 +404,8 @@ def _select_template(value, name: str, origin: str) -> Optional[str]:
         f"got {type(value).__name__}")
 
 
-def _load_dir(path: str, name: str):
+def _dir_config(path: str):
+    """(tokenizer_config.json contents or {}, its path, the special tokens of the directory)."""
     config_path = os.path.join(path, "tokenizer_config.json")
     config = _read_json(config_path) if os.path.isfile(config_path) else {}
     tokens = {}
@@ -409,10 +413,27 @@ def _load_dir(path: str, name: str):
     if os.path.isfile(legacy_path):  # older checkpoints keep their tokens here only
         tokens.update(_tokens_from_config(_read_json(legacy_path), legacy_path))
     tokens.update(_tokens_from_config(config, config_path))
-    # transformers reads chat_template.jinja over tokenizer_config.json's "chat_template".
+    return config, config_path, tokens
+
+
+def _load_dir(path: str, name: str):
+    config, config_path, tokens = _dir_config(path)
+    # As transformers: template files (chat_template.jinja = "default", and
+    # additional_chat_templates/<name>.jinja) replace tokenizer_config.json's "chat_template".
+    files = {}
     jinja_path = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(jinja_path) and name == "default":
-        return _read_text(jinja_path), tokens, jinja_path
+    if os.path.isfile(jinja_path):
+        files["default"] = jinja_path
+    extra_dir = os.path.join(path, "additional_chat_templates")
+    if os.path.isdir(extra_dir):
+        for entry in sorted(os.listdir(extra_dir)):
+            if entry.endswith(".jinja"):
+                files.setdefault(entry[:-len(".jinja")], os.path.join(extra_dir, entry))
+    if files:
+        if name not in files:
+            raise ChatTemplateError(
+                f"{path} has chat template files {sorted(files)} and none named {name!r}")
+        return _read_text(files[name]), tokens, files[name]
     return _select_template(config.get("chat_template"), name, config_path), tokens, config_path
 
 
@@ -420,7 +441,7 @@ def _gguf_string(reader, key: str) -> Optional[str]:
     field = reader.fields.get(key)
     if field is None:
         return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
 
 def _load_gguf(path: str, name: str):
@@ -440,7 +461,8 @@ def _load_gguf(path: str, name: str):
                 continue
             token_id = int(field.parts[field.data[0]][0])
             if 0 <= token_id < len(vocab.data):
-                tokens[token_name] = bytes(vocab.parts[vocab.data[token_id]]).decode("utf-8")
+                tokens[token_name] = bytes(vocab.parts[vocab.data[token_id]]).decode(
+                    "utf-8", errors="replace")
     return source, tokens, path
 
 
@@ -455,14 +477,18 @@ def _load(path, name: str):
         return _load_gguf(p, name)
     if p.endswith(".json"):  # a tokenizer_config.json, or any JSON with "chat_template"
         config = _read_json(p)
-        return _select_template(config.get("chat_template"), name, p), _tokens_from_config(config, p), p
+        source = _select_template(config.get("chat_template"), name, p)
+        return source, _tokens_from_config(config, p), p
     return _read_text(p), {}, p  # a bare Jinja file
 
 
 def load_special_tokens(path) -> dict:
     """The named special tokens (bos_token, eos_token, ...) of a model directory, a
     tokenizer_config.json or a GGUF file; {} when there are none."""
-    return _load(path, "default")[1]
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return _dir_config(p)[2]
+    return _load(p, "default")[1]
 
 
 def load_chat_template(path, name: str = "default") -> Optional[ChatTemplate]:
@@ -488,11 +514,12 @@ def resolve_chat_template(model_path, chat_template: Optional[str] = None) -> Ch
         template = load_chat_template(model_path)
         if template is None:
             raise NoChatTemplateError(
-                f"{os.fspath(model_path)} ships no chat template (no chat_template.jinja and no "
-                f"\"chat_template\" in tokenizer_config.json), and llm_fast will not guess one: a "
-                f"wrong template silently degrades the replies. Pass --chat-template chatml to "
-                f"use the ChatML format (<|im_start|>role\\n...<|im_end|>), or "
-                f"--chat-template FILE with a Jinja template file.")
+                f"{os.fspath(model_path)} ships no chat template (looked for chat_template.jinja, "
+                f"\"chat_template\" in tokenizer_config.json, or tokenizer.chat_template in a "
+                f"GGUF), and llm_fast will not guess one: a wrong template silently degrades the "
+                f"replies. Pass --chat-template chatml to use the ChatML format "
+                f"(<|im_start|>role\\n...<|im_end|>), or --chat-template FILE with a Jinja "
+                f"template file.")
         return template
     tokens = load_special_tokens(model_path)
     if chat_template == "chatml":

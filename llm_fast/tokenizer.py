@@ -80,14 +80,9 @@ class Tokenizer:
         eos = set(_ids(cfg.get("eos_token_id"))) | set(_ids(gen.get("eos_token_id")))
         if eos_str is not None and tk.token_to_id(eos_str) is not None:
             eos.add(tk.token_to_id(eos_str))
-        template = tcfg.get("chat_template")
-        jinja = os.path.join(path, "chat_template.jinja")
-        if template is None and os.path.exists(jinja):
-            with open(jinja, encoding="utf-8") as f:
-                template = f.read()
-        if isinstance(template, list):  # named templates: take "default"
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
+        from .chat_template import load_chat_template  # one place reads template files
+        template = load_chat_template(path)
+        template = template.source if template is not None else None
         return cls(tk, bos_token_id=bos_id, eos_token_ids=eos,
                    add_bos=bool(tcfg.get("add_bos_token", False)), chat_template=template,
                    bos_token=bos_str, eos_token=eos_str)
