@@ -65,6 +65,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(args):
     from .sampling import SamplingParams
+    for s in args.stop or ():
+        if not s:
+            raise CLIError("--stop must be a non-empty string")
     try:
         return SamplingParams(
             temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,

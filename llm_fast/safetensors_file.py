@@ -51,12 +51,23 @@ class SafetensorsFile:
         data_len = size - self._data_start
         self._entries = {}
         for name, info in header.items():
+            def ints(value):
+                if not isinstance(value, list) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise TypeError
+                return tuple(value)
             try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
+                kind = info["dtype"]
+                shape = ints(info["shape"])
+                begin, end = ints(info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+                raise WeightsError(f"{path}: tensor {name!r} has a malformed header entry {info!r} "
+                                   f"(needs dtype, an integer shape list and two integer "
+                                   f"data_offsets)") from None
+            if kind not in _DTYPES:
+                raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {kind!r} "
+                                   f"(supported: {', '.join(_DTYPES)})")
+            dtype = _DTYPES[kind]
             if any(s < 0 for s in shape):
                 raise WeightsError(f"{path}: tensor {name!r} has a negative dimension {shape}")
             expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -65,13 +65,6 @@ def apply_repetition_penalty(logits: np.ndarray, context_ids, penalty: float) ->
     logits[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
 
 
-def _top_p_cut(sorted_probs: np.ndarray, top_p: float) -> int:
-    """Number of leading (descending) probabilities kept by top-p."""
-    csum = np.cumsum(sorted_probs, dtype=np.float64)
-    # keep tokens until the mass before them reaches top_p
-    return max(1, int(np.searchsorted(csum, top_p * csum[-1], side="left")) + 1)
-
-
 class Sampler:
     """Chooses the next token from logits. Holds the RNG: one Sampler per generation stream."""
 
@@ -99,34 +92,23 @@ class Sampler:
             return np.array([i]), np.array([1.0])
         x = x.astype(np.float64) / p.temperature
         n = x.shape[0]
-        k = p.top_k if 0 < p.top_k < n else n
-        # Work on the k' most likely tokens; enlarge to the full vocabulary only if top-p or the
-        # probability mass needs more (keeps sampling O(vocab) instead of a full sort per token).
-        kk = min(k, self._CANDIDATES) if (p.top_p < 1.0 or k < n) else n
+        # top-k: keep the k largest logits; the softmax then runs over those k only.
+        ids = np.argpartition(-x, p.top_k - 1)[:p.top_k] if 0 < p.top_k < n else np.arange(n)
+        e = np.exp(x[ids] - x[ids].max())
+        probs = e / e.sum()
+        # Most likely first, ties by lower id. Only the head of the order is needed for top-p,
+        # so sort a window of candidates and widen it only if it holds less than top_p mass.
+        size = len(ids) if p.top_p >= 1.0 else min(len(ids), self._CANDIDATES)
         while True:
-            if kk < n:
-                idx = np.argpartition(-x, kk - 1)[:kk]
-            else:
-                idx = np.arange(n)
-            order = idx[np.lexsort((idx, -x[idx]))]  # descending logit, ties by id
-            vals = x[order]
-            m = vals[0]
-            probs_all = np.exp(x - m) if kk < k else None
-            e = np.exp(vals - m)
-            total = probs_all.sum() if probs_all is not None else e.sum()
-            probs = e / total
-            if k < n and kk >= k:
-                probs = probs / probs.sum()  # top-k renormalises over the k kept
-            if p.top_p < 1.0:
-                if probs.sum() < p.top_p and kk < k:
-                    kk = min(k, kk * 8)      # the boundary lies beyond our candidates
-                    continue
-                cut = _top_p_cut(probs, p.top_p) if kk >= k else _top_p_cut_partial(probs, p.top_p)
-                order, probs = order[:cut], probs[:cut]
-            elif kk < k:
-                kk = k
-                continue
-            break
+            head = np.argpartition(-probs, size - 1)[:size] if size < len(ids) else np.arange(len(ids))
+            head = head[np.lexsort((ids[head], -probs[head]))]
+            if p.top_p >= 1.0 or size == len(ids) or probs[head].sum() >= p.top_p:
+                break
+            size = min(len(ids), size * 8)
+        order, probs = ids[head], probs[head]
+        if p.top_p < 1.0:
+            cut = _top_p_cut_partial(probs, p.top_p)
+            order, probs = order[:cut], probs[:cut]
         if p.min_p > 0.0:
             keep = probs >= p.min_p * probs[0]
             order, probs = order[keep], probs[keep]
@@ -144,6 +126,8 @@ class Sampler:
 
 
 def _top_p_cut_partial(probs: np.ndarray, top_p: float) -> int:
-    """top-p cut when probs are already normalised over the whole vocabulary."""
+    """Leading (descending) probabilities kept by top-p: up to and including the token whose
+    cumulative mass reaches top_p. probs are normalised over the whole kept set, but may be
+    only its head."""
     csum = np.cumsum(probs, dtype=np.float64)
     return max(1, int(np.searchsorted(csum, top_p, side="left")) + 1)

@@ -129,6 +129,10 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, context_ids=()):
         self.tokenizer = tokenizer
         ctx = [int(i) for i in context_ids if int(i) not in tokenizer.special_ids][-4:]
+        # Start the window on a character boundary: a window opening inside a multi-byte
+        # character (byte-fallback tokens) would decode to U+FFFD for that character's bytes.
+        while ctx and tokenizer.tk.decode(ctx, skip_special_tokens=True).startswith("\ufffd"):
+            ctx = ctx[1:]
         self.ids = list(ctx)
         self.prefix_offset = 0
         self.read_offset = len(ctx)
