@@ -3,10 +3,12 @@
 A (m, k) activations, B (n, k) weights stored out x in (the Hugging Face layout), C (m, n).
 Parallel over blocks of 4 output columns (weight rows): each thread streams its own weight
 rows once and reuses them for every activation row (4x4 register tiles from simd.h), which is
-the matrix-vector path for decode (m = 1) and the tiled path for prefill (m > 1).
+the matrix-vector path for decode (m = 1) and the tiled path for prefill (m > 1). For prefill
+with long rows (k > 1024) the tiles walk k in ranges of 512 (carrying their unreduced
+accumulators, so the results are unchanged) to keep the 4 weight rows in L1.
 """
 from cython.parallel cimport prange
-from simd cimport lf_simd_level, lf_gemm_colblock
+from simd cimport lf_simd_level, lf_gemm_colblock, lf_stream_sum, omp_get_max_threads
 
 # Below this many multiply-adds a parallel region costs more than it saves.
 cdef long PARALLEL_MIN_WORK = 1 << 16
@@ -37,3 +39,16 @@ def matmul_transb(float[:, ::1] c, float beta, const float[:, ::1] a, const floa
         return
     with nogil:
         matmul_transb_raw(&c[0, 0], c.shape[1], &a[0, 0], k, &b[0, 0], k, m, n, k, alpha, beta)
+
+
+def stream_read(const float[::1] x, int nthreads=0):
+    """Sum of x read once, split into one contiguous range per thread (llm-fast bench uses it to
+    measure the machine's memory read bandwidth). nthreads 0: the current OpenMP setting."""
+    cdef long n = x.shape[0]
+    cdef int nt = nthreads if nthreads > 0 else omp_get_max_threads()
+    cdef double total = 0.0
+    if n == 0:
+        return 0.0
+    with nogil:
+        total = lf_stream_sum(&x[0], n, nt)
+    return total

@@ -8,6 +8,7 @@ static inline int lf_have_openmp(void) { return 1; }
 static inline int omp_get_max_threads(void) { return 1; }
 static inline void omp_set_num_threads(int n) { (void)n; }
 static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
 static inline int lf_have_openmp(void) { return 0; }
 #endif
 #endif

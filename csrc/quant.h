@@ -9,8 +9,11 @@
  *
  * For the quantized types the activations are quantized once per call, per 32-block, like
  * llama.cpp's q8_0/q8_1 but with f32 scales:  d = amax/127, xq = round_half_even(x * 127/amax),
- * s = d * sum(xq).  A block product is then an exact integer dot product plus two scalings:
- *   Q8_0: dw*d * sum(qw*xq)    Q4_0: dw*d * sum(q*xq) - 8*dw*s    Q4_1: dw*d * sum(q*xq) + m*s
+ * s = d * sum(xq).  A block product is then an exact integer dot product plus scalings:
+ *   Q4_1: dw*d * sum(q*xq) + m*s          Q4_0: dw*d * sum(q*xq) - 8*dw*s
+ *   Q8_0: dw*d * sum(qw*xq)  (AVX-512: dw*d * sum((qw+128)*xq) - 128*dw*s, an unsigned dot)
+ * The AVX-512 kernel takes a block pair (64 weights) per step and reuses the unpacked pair for
+ * up to 8 activation rows (prefill); see lfq_blk_avx512.
  *
  * SIMD is chosen at run time (no -march needed): AVX-512 (F/BW/VL/VNNI: vpdpbusd), AVX2 (+FMA,
  * F16C: vpmaddubsw), or portable scalar C. LLM_FAST_SIMD=scalar|avx2|avx512 caps the level.
@@ -40,17 +43,32 @@ enum { LFQ_Q8_0 = 0, LFQ_Q4_0 = 1, LFQ_Q4_1 = 2, LFQ_F16 = 3, LFQ_BF16 = 4, LFQ_
 enum { LFQ_SCALAR = 0, LFQ_AVX2 = 1, LFQ_AVX512 = 2 };
 
 #define LFQ_QK 32
-#define LFQ_MR 4      /* activation rows per micro-kernel pass (weight block reused MR times) */
+/* Activation rows per micro-kernel pass (each unpacked weight block is reused that often):
+ * 8 with AVX-512's 32 vector registers, 4 otherwise. */
+#define LFQ_MRMAX 8
 
 #define LFQ_INLINE static inline __attribute__((always_inline))
 
-/* Activations of one call. q/ds are used by the quantized types, xf by F16/BF16. */
+/* Activations of one call. q/f are used by the quantized types, xf by F16/BF16.
+ * Per row, the float area f (lfq_act_floats(K) floats) holds, with nb = K/32 blocks,
+ * np = ceil(nb/2) block pairs and nbp = nb rounded up to 16:
+ *   f[0, 16*np)            pair scale patterns [d_2p x8, d_2p+1 x8] (0 past the last block)
+ *   f[16*np, +nbp)         d per block (0-padded)
+ *   f[16*np + nbp, +nbp)   s = d * sum(q) per block (0-padded)                          */
 typedef struct {
     const int8_t *q;     /* m rows of K int8, row stride q_stride bytes */
-    const float *ds;     /* m rows of nb (d, s) float pairs, row stride ds_stride floats */
+    const float *f;      /* m rows of lfq_act_floats(K) floats, row stride f_stride */
     const float *xf;     /* m rows of K float, row stride xf_stride floats */
-    int64_t q_stride, ds_stride, xf_stride;
+    int64_t q_stride, f_stride, xf_stride;
 } lfq_act;
+
+static inline int64_t lfq_npairs(int64_t K) { return (K / 32 + 1) / 2; }
+static inline int64_t lfq_nbpad(int64_t K) { return (K / 32 + 15) / 16 * 16; }
+static inline int64_t lfq_act_floats(int64_t K) { return 16 * lfq_npairs(K) + 2 * lfq_nbpad(K); }
+static inline const float *lfq_act_d(const float *f, int64_t K) { return f + 16 * lfq_npairs(K); }
+static inline const float *lfq_act_s(const float *f, int64_t K) {
+    return f + 16 * lfq_npairs(K) + lfq_nbpad(K);
+}
 
 /* ---------------------------------------------------------------- threads (OpenMP shim) */
 
@@ -192,10 +210,20 @@ static void lfq_dequant_row(int qtype, const uint8_t *w, int64_t K, float *y) {
 #pragma GCC pop_options
 
 /* ---------------------------------------------------------------- activation quantization
- * All three levels give bit-identical q and ds: the same f32 operations, round-half-even. */
+ * All three levels give bit-identical q and f: the same f32 operations, round-half-even. */
 
-static void lfq_quantize_x_scalar(const float *x, int64_t K, int8_t *q, float *ds) {
+/* Writes the pair patterns and the zero padding from the d and s already in f. */
+static void lfq_act_finish(float *f, int64_t K) {
+    int64_t nb = K / 32, np = lfq_npairs(K), nbp = lfq_nbpad(K);
+    float *d = f + 16 * np, *s = d + nbp;
+    for (int64_t b = nb; b < nbp; b++) d[b] = s[b] = 0.f;
+    for (int64_t b = 0; b < 2 * np; b++)
+        for (int j = 0; j < 8; j++) f[8 * b + j] = d[b];   /* d[nb] = 0 pads an odd count */
+}
+
+static void lfq_quantize_x_scalar(const float *x, int64_t K, int8_t *q, float *f) {
     int64_t nb = K / LFQ_QK;
+    float *dd = f + 16 * lfq_npairs(K), *ss = dd + lfq_nbpad(K);
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
         float amax = 0.f;
@@ -210,9 +238,10 @@ static void lfq_quantize_x_scalar(const float *x, int64_t K, int8_t *q, float *d
             q[b * 32 + j] = (int8_t)v;
             sum += v;
         }
-        ds[2 * b] = d;
-        ds[2 * b + 1] = d * (float)sum;
+        dd[b] = d;
+        ss[b] = d * (float)sum;
     }
+    lfq_act_finish(f, K);
 }
 
 /* ---------------------------------------------------------------- scalar micro-kernels
@@ -223,14 +252,14 @@ LFQ_INLINE void lfq_q8_0_scalar(const uint8_t *w, int64_t K, const lfq_act *x, i
     int64_t nb = K / LFQ_QK;
     for (int r = 0; r < NR; r++) {
         const int8_t *xq = x->q + (int64_t)(i0 + r) * x->q_stride;
-        const float *ds = x->ds + (int64_t)(i0 + r) * x->ds_stride;
+        const float *xd = lfq_act_d(x->f + (int64_t)(i0 + r) * x->f_stride, K);
         float acc = 0.f;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = w + b * 34;
             const int8_t *qs = (const int8_t *)(blk + 2);
             int sumi = 0;
             for (int j = 0; j < 32; j++) sumi += (int)qs[j] * (int)xq[b * 32 + j];
-            acc += lfq_f16_to_f32(lfq_u16(blk)) * ds[2 * b] * (float)sumi;
+            acc += lfq_f16_to_f32(lfq_u16(blk)) * xd[b] * (float)sumi;
         }
         res[r] = acc;
     }
@@ -242,7 +271,8 @@ LFQ_INLINE void lfq_q4_scalar(const uint8_t *w, int64_t K, const lfq_act *x, int
     int64_t nb = K / LFQ_QK;
     for (int r = 0; r < NR; r++) {
         const int8_t *xq = x->q + (int64_t)(i0 + r) * x->q_stride;
-        const float *ds = x->ds + (int64_t)(i0 + r) * x->ds_stride;
+        const float *xf = x->f + (int64_t)(i0 + r) * x->f_stride;
+        const float *xd = lfq_act_d(xf, K), *xs = lfq_act_s(xf, K);
         float acc = 0.f;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = w + b * BS, *qs = blk + QO;
@@ -252,7 +282,7 @@ LFQ_INLINE void lfq_q4_scalar(const uint8_t *w, int64_t K, const lfq_act *x, int
                 sumi += (int)(qs[j] & 0x0F) * xb[j] + (int)(qs[j] >> 4) * xb[j + 16];
             float d = lfq_f16_to_f32(lfq_u16(blk));
             float m = HAS_MIN ? lfq_f16_to_f32(lfq_u16(blk + 2)) : -8.f * d;
-            acc += d * ds[2 * b] * (float)sumi + m * ds[2 * b + 1];
+            acc += d * xd[b] * (float)sumi + m * xs[b];
         }
         res[r] = acc;
     }
@@ -277,15 +307,23 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
  * out points at out[0][row0]; out row stride ldo. Activation rows are taken MR at a time and
  * every weight row of the tile is run against them, so the tile's weights stay in L1 while the
  * activations are swept once per tile. beta == 0: out is written, never read. */
-#define LFQ_DEFINE_ROWS(NAME, TARGET, CALL)                                                    \
+#define LFQ_DEFINE_ROWS(NAME, TARGET, CALL, MR)                                                \
     TARGET static void NAME(const uint8_t *w, int64_t rb, int64_t nrows, int64_t K,            \
                             const lfq_act *x, int m, float *out, int64_t ldo, float beta) {    \
-        for (int i0 = 0; i0 < m; i0 += LFQ_MR) {                                               \
-            int nr = m - i0 < LFQ_MR ? m - i0 : LFQ_MR;                                        \
+        for (int i0 = 0; i0 < m; i0 += MR) {                                                   \
+            int nr = m - i0 < MR ? m - i0 : MR;                                                \
             for (int64_t r = 0; r < nrows; r++) {                                              \
                 const uint8_t *wr = w + r * rb;                                                \
-                float res[LFQ_MR];                                                             \
+                float res[LFQ_MRMAX];                                                          \
                 switch (nr) {                                                                  \
+                case 8: if (MR >= 8) { CALL(wr, K, x, i0, res, MR >= 8 ? 8 : 1); break; }     \
+                /* fall through */                                                             \
+                case 7: if (MR >= 7) { CALL(wr, K, x, i0, res, MR >= 7 ? 7 : 1); break; }     \
+                /* fall through */                                                             \
+                case 6: if (MR >= 6) { CALL(wr, K, x, i0, res, MR >= 6 ? 6 : 1); break; }     \
+                /* fall through */                                                             \
+                case 5: if (MR >= 5) { CALL(wr, K, x, i0, res, MR >= 5 ? 5 : 1); break; }     \
+                /* fall through */                                                             \
                 case 4: CALL(wr, K, x, i0, res, 4); break;                                     \
                 case 3: CALL(wr, K, x, i0, res, 3); break;                                     \
                 case 2: CALL(wr, K, x, i0, res, 2); break;                                     \
@@ -305,11 +343,39 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
 #define LFQ_CALL_F16_S(wr, K, x, i0, res, NR) lfq_f16_scalar(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_S(wr, K, x, i0, res, NR) lfq_f16_scalar(wr, K, x, i0, res, NR, 1)
 
-LFQ_DEFINE_ROWS(lfq_rows_q8_0_scalar, LFQ_NOTARGET, LFQ_CALL_Q8_0_S)
-LFQ_DEFINE_ROWS(lfq_rows_q4_0_scalar, LFQ_NOTARGET, LFQ_CALL_Q4_0_S)
-LFQ_DEFINE_ROWS(lfq_rows_q4_1_scalar, LFQ_NOTARGET, LFQ_CALL_Q4_1_S)
-LFQ_DEFINE_ROWS(lfq_rows_f16_scalar, LFQ_NOTARGET, LFQ_CALL_F16_S)
-LFQ_DEFINE_ROWS(lfq_rows_bf16_scalar, LFQ_NOTARGET, LFQ_CALL_BF16_S)
+LFQ_DEFINE_ROWS(lfq_rows_q8_0_scalar, LFQ_NOTARGET, LFQ_CALL_Q8_0_S, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_0_scalar, LFQ_NOTARGET, LFQ_CALL_Q4_0_S, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_1_scalar, LFQ_NOTARGET, LFQ_CALL_Q4_1_S, 4)
+LFQ_DEFINE_ROWS(lfq_rows_f16_scalar, LFQ_NOTARGET, LFQ_CALL_F16_S, 4)
+LFQ_DEFINE_ROWS(lfq_rows_bf16_scalar, LFQ_NOTARGET, LFQ_CALL_BF16_S, 4)
+
+/* F32 activations with block-quantized weights ("exact" mode): each block is dequantized
+ * exactly as lfq_dequant_row does (so the weights equal QTensor.dequantize() bit for bit) and
+ * multiplied with the float activations; no activation rounding. */
+LFQ_INLINE void lfq_blkf_scalar(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
+                                float *res, const int NR, const int TYPE) {
+    const int BS = TYPE == 0 ? 34 : (TYPE == 1 ? 18 : 20);
+    float wb[32];
+    float acc[LFQ_MRMAX];
+    for (int r = 0; r < NR; r++) acc[r] = 0.f;
+    for (int64_t b = 0; b < K / 32; b++) {
+        lfq_dequant_row(TYPE, w + b * BS, 32, wb);
+        for (int r = 0; r < NR; r++) {
+            const float *xr = x->xf + (int64_t)(i0 + r) * x->xf_stride + b * 32;
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += wb[j] * xr[j];
+            acc[r] += s;
+        }
+    }
+    for (int r = 0; r < NR; r++) res[r] = acc[r];
+}
+
+#define LFQ_CALL_Q8_0F_S(wr, K, x, i0, res, NR) lfq_blkf_scalar(wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_0F_S(wr, K, x, i0, res, NR) lfq_blkf_scalar(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q4_1F_S(wr, K, x, i0, res, NR) lfq_blkf_scalar(wr, K, x, i0, res, NR, 2)
+LFQ_DEFINE_ROWS(lfq_rows_q8_0f_scalar, LFQ_NOTARGET, LFQ_CALL_Q8_0F_S, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_0f_scalar, LFQ_NOTARGET, LFQ_CALL_Q4_0F_S, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_1f_scalar, LFQ_NOTARGET, LFQ_CALL_Q4_1F_S, 4)
 
 #if LFQ_X86
 
@@ -323,8 +389,9 @@ LFQ_T256 static inline float lfq_hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-LFQ_T256 static void lfq_quantize_x_avx2(const float *x, int64_t K, int8_t *q, float *ds) {
+LFQ_T256 static void lfq_quantize_x_avx2(const float *x, int64_t K, int8_t *q, float *f) {
     int64_t nb = K / LFQ_QK;
+    float *dd = f + 16 * lfq_npairs(K), *ss = dd + lfq_nbpad(K);
     const __m256 sign = _mm256_set1_ps(-0.f);
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * 32;
@@ -352,9 +419,10 @@ LFQ_T256 static void lfq_quantize_x_avx2(const float *x, int64_t K, int8_t *q, f
         __m256i p = _mm256_packs_epi16(p01, p23);
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(q + b * 32), p);
-        ds[2 * b] = d;
-        ds[2 * b + 1] = d * (float)sum;
+        dd[b] = d;
+        ss[b] = d * (float)sum;
     }
+    lfq_act_finish(f, K);
 }
 
 LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
@@ -363,13 +431,14 @@ LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act 
     const int64_t nb = K / LFQ_QK;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
-    const int8_t *xq[LFQ_MR];
-    const float *ds[LFQ_MR];
-    __m256 acc[LFQ_MR];
-    float accm[LFQ_MR];
+    const int8_t *xq[LFQ_MRMAX];
+    const float *xd[LFQ_MRMAX], *xs[LFQ_MRMAX];
+    __m256 acc[LFQ_MRMAX];
+    float accm[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
         xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
-        ds[r] = x->ds + (int64_t)(i0 + r) * x->ds_stride;
+        xd[r] = lfq_act_d(x->f + (int64_t)(i0 + r) * x->f_stride, K);
+        xs[r] = lfq_act_s(x->f + (int64_t)(i0 + r) * x->f_stride, K);
         acc[r] = _mm256_setzero_ps();
         accm[r] = 0.f;
     }
@@ -383,8 +452,8 @@ LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act 
         for (int r = 0; r < NR; r++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[r] + b * 32));
             __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ds[r][2 * b]), acc[r]);
-            accm[r] += m * ds[r][2 * b + 1];
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r][b]), acc[r]);
+            accm[r] += m * xs[r][b];
         }
     }
     for (int r = 0; r < NR; r++) res[r] = lfq_hsum256(acc[r]) + accm[r];
@@ -394,12 +463,12 @@ LFQ_T256 LFQ_INLINE void lfq_q8_0_avx2(const uint8_t *w, int64_t K, const lfq_ac
                                        float *res, const int NR) {
     const int64_t nb = K / LFQ_QK;
     const __m256i ones = _mm256_set1_epi16(1);
-    const int8_t *xq[LFQ_MR];
-    const float *ds[LFQ_MR];
-    __m256 acc[LFQ_MR];
+    const int8_t *xq[LFQ_MRMAX];
+    const float *xd[LFQ_MRMAX];
+    __m256 acc[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
         xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
-        ds[r] = x->ds + (int64_t)(i0 + r) * x->ds_stride;
+        xd[r] = lfq_act_d(x->f + (int64_t)(i0 + r) * x->f_stride, K);
         acc[r] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
@@ -411,7 +480,7 @@ LFQ_T256 LFQ_INLINE void lfq_q8_0_avx2(const uint8_t *w, int64_t K, const lfq_ac
             __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq[r] + b * 32)), wv);
             /* |w| * (+-x): at most 2*128*127 < 2^15, no saturation (activations never -128) */
             __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ds[r][2 * b]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r][b]), acc[r]);
         }
     }
     for (int r = 0; r < NR; r++) res[r] = lfq_hsum256(acc[r]);
@@ -425,8 +494,8 @@ LFQ_T256 LFQ_INLINE __m256 lfq_load8_half_avx2(const uint8_t *p, const int BF) {
 
 LFQ_T256 LFQ_INLINE void lfq_f16_avx2(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
                                       float *res, const int NR, const int BF) {
-    const float *xf[LFQ_MR];
-    __m256 acc[LFQ_MR];
+    const float *xf[LFQ_MRMAX];
+    __m256 acc[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
         xf[r] = x->xf + (int64_t)(i0 + r) * x->xf_stride;
         acc[r] = _mm256_setzero_ps();
@@ -452,17 +521,72 @@ LFQ_T256 LFQ_INLINE void lfq_f16_avx2(const uint8_t *w, int64_t K, const lfq_act
 #define LFQ_CALL_F16_2(wr, K, x, i0, res, NR) lfq_f16_avx2(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_2(wr, K, x, i0, res, NR) lfq_f16_avx2(wr, K, x, i0, res, NR, 1)
 
-LFQ_DEFINE_ROWS(lfq_rows_q8_0_avx2, LFQ_T256, LFQ_CALL_Q8_0_2)
-LFQ_DEFINE_ROWS(lfq_rows_q4_0_avx2, LFQ_T256, LFQ_CALL_Q4_0_2)
-LFQ_DEFINE_ROWS(lfq_rows_q4_1_avx2, LFQ_T256, LFQ_CALL_Q4_1_2)
-LFQ_DEFINE_ROWS(lfq_rows_f16_avx2, LFQ_T256, LFQ_CALL_F16_2)
-LFQ_DEFINE_ROWS(lfq_rows_bf16_avx2, LFQ_T256, LFQ_CALL_BF16_2)
+LFQ_DEFINE_ROWS(lfq_rows_q8_0_avx2, LFQ_T256, LFQ_CALL_Q8_0_2, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_0_avx2, LFQ_T256, LFQ_CALL_Q4_0_2, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_1_avx2, LFQ_T256, LFQ_CALL_Q4_1_2, 4)
+LFQ_DEFINE_ROWS(lfq_rows_f16_avx2, LFQ_T256, LFQ_CALL_F16_2, 4)
+LFQ_DEFINE_ROWS(lfq_rows_bf16_avx2, LFQ_T256, LFQ_CALL_BF16_2, 4)
+
+/* One block as 4 x 8 floats, bit-identical to lfq_dequant_row (mul, then add for Q4_1). */
+LFQ_T256 LFQ_INLINE void lfq_deq_block_avx2(const uint8_t *blk, __m256 *wv, const int TYPE) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(lfq_u16(blk)));
+    __m256i i32[4];
+    if (TYPE == 0) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+        i32[0] = _mm256_cvtepi8_epi32(lo);
+        i32[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8));
+        i32[2] = _mm256_cvtepi8_epi32(hi);
+        i32[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8));
+    } else {
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (TYPE == 2 ? 4 : 2)));
+        __m128i lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
+        i32[0] = _mm256_cvtepu8_epi32(lo);
+        i32[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+        i32[2] = _mm256_cvtepu8_epi32(hi);
+        i32[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+        if (TYPE == 1)
+            for (int k = 0; k < 4; k++) i32[k] = _mm256_sub_epi32(i32[k], _mm256_set1_epi32(8));
+    }
+    for (int k = 0; k < 4; k++) {
+        wv[k] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(i32[k]));
+        if (TYPE == 2) wv[k] = _mm256_add_ps(wv[k], _mm256_set1_ps(_cvtsh_ss(lfq_u16(blk + 2))));
+    }
+}
+
+LFQ_T256 LFQ_INLINE void lfq_blkf_avx2(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
+                                       float *res, const int NR, const int TYPE) {
+    const int BS = TYPE == 0 ? 34 : (TYPE == 1 ? 18 : 20);
+    const float *xf[LFQ_MRMAX];
+    __m256 acc[LFQ_MRMAX];
+    for (int r = 0; r < NR; r++) {
+        xf[r] = x->xf + (int64_t)(i0 + r) * x->xf_stride;
+        acc[r] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m256 wv[4];
+        lfq_deq_block_avx2(w + b * BS, wv, TYPE);
+        for (int r = 0; r < NR; r++)
+            for (int k = 0; k < 4; k++)
+                acc[r] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(xf[r] + b * 32 + 8 * k), acc[r]);
+    }
+    for (int r = 0; r < NR; r++) res[r] = lfq_hsum256(acc[r]);
+}
+
+#define LFQ_CALL_Q8_0F_2(wr, K, x, i0, res, NR) lfq_blkf_avx2(wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_0F_2(wr, K, x, i0, res, NR) lfq_blkf_avx2(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q4_1F_2(wr, K, x, i0, res, NR) lfq_blkf_avx2(wr, K, x, i0, res, NR, 2)
+LFQ_DEFINE_ROWS(lfq_rows_q8_0f_avx2, LFQ_T256, LFQ_CALL_Q8_0F_2, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_0f_avx2, LFQ_T256, LFQ_CALL_Q4_0F_2, 4)
+LFQ_DEFINE_ROWS(lfq_rows_q4_1f_avx2, LFQ_T256, LFQ_CALL_Q4_1F_2, 4)
 
 /* ================================================================ AVX-512 (F/BW/VL/VNNI) */
 #define LFQ_T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-LFQ_T512 static void lfq_quantize_x_avx512(const float *x, int64_t K, int8_t *q, float *ds) {
-    int64_t nb = K / LFQ_QK;
+LFQ_T512 static void lfq_quantize_x_avx512(const float *x, int64_t K, int8_t *q, float *f) {
+    int64_t nb = K / LFQ_QK, np = lfq_npairs(K), nbp = lfq_nbpad(K);
+    float *dd = f + 16 * np, *ss = dd + nbp;
     for (int64_t b = 0; b < nb; b++) {
         __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -473,132 +597,85 @@ LFQ_T512 static void lfq_quantize_x_avx512(const float *x, int64_t K, int8_t *q,
         _mm_storeu_si128((__m128i *)(q + b * 32), _mm512_cvtepi32_epi8(i0));
         _mm_storeu_si128((__m128i *)(q + b * 32 + 16), _mm512_cvtepi32_epi8(i1));
         int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-        ds[2 * b] = d;
-        ds[2 * b + 1] = d * (float)sum;
+        dd[b] = d;
+        ss[b] = d * (float)sum;
+        _mm256_storeu_ps(f + 8 * b, _mm256_set1_ps(d));
     }
+    if (nb & 1) _mm256_storeu_ps(f + 8 * nb, _mm256_setzero_ps());
+    for (int64_t b = nb; b < nbp; b++) dd[b] = ss[b] = 0.f;
 }
 
-/* Lanes of a block pair's 16 int32 partial sums: 0-7 block b, 8-15 block b+1. The per-block
- * scale vector comes from a 128-bit [s_b, ., s_b1, .] by a lane permutation. */
-#define LFQ_PAIR_IDX _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0)
-
-LFQ_T512 LFQ_INLINE float lfq_lanes13(__m128 v) {  /* v[1] + v[3] */
-    __m128 h = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    return _mm_cvtss_f32(_mm_shuffle_ps(h, h, 1));
-}
-
-LFQ_T512 LFQ_INLINE void lfq_q4_avx512(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
-                                       float *res, const int NR, const int HAS_MIN) {
-    const int BS = HAS_MIN ? 20 : 18, QO = HAS_MIN ? 4 : 2;
-    const int64_t nb = K / LFQ_QK;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const __m512i sidx = LFQ_PAIR_IDX;
-    const int8_t *xq[LFQ_MR];
-    const float *ds[LFQ_MR];
-    __m512 acc[LFQ_MR];
-    __m128 accm[LFQ_MR];
-    float tail[LFQ_MR];
+/* Q8_0 / Q4_0 / Q4_1 (TYPE 0 / 1 / 2) weight row times NR activation rows, a block pair
+ * (64 weights) per step: the pair's two scales and offset coefficients are converted once
+ * (one vcvtph2ps), its weights unpacked once to 64 unsigned bytes, then per activation row
+ * one vpdpbusd + cvt + mul + fma against the row's scale pattern, and one 2-lane FMA for the
+ * offset terms. (Gathering the scales of 16 blocks instead is slower on Zen 5.) */
+LFQ_T512 LFQ_INLINE void lfq_blk_avx512(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
+                                      float *res, const int NR, const int TYPE) {
+    const int BS = TYPE == 0 ? 34 : (TYPE == 1 ? 18 : 20);
+    const int QO = TYPE == 2 ? 4 : 2;
+    const int64_t nb = K / LFQ_QK, np = lfq_npairs(K), nbp = lfq_nbpad(K);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), x80 = _mm512_set1_epi8((char)0x80);
+    const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    const int8_t *xq[LFQ_MRMAX];
+    const float *xp[LFQ_MRMAX], *xs[LFQ_MRMAX];
+    __m512 acc[LFQ_MRMAX];
+    __m128 acco[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
+        const float *f = x->f + (int64_t)(i0 + r) * x->f_stride;
         xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
-        ds[r] = x->ds + (int64_t)(i0 + r) * x->ds_stride;
+        xp[r] = f;
+        xs[r] = f + 16 * np + nbp;
         acc[r] = _mm512_setzero_ps();
-        accm[r] = _mm_setzero_ps();
-        tail[r] = 0.f;
+        acco[r] = _mm_setzero_ps();
     }
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *w0 = w + b * BS, *w1 = w0 + BS;
-        __m256i v = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(w0 + QO))),
-            _mm_loadu_si128((const __m128i *)(w1 + QO)), 1);                /* [q0, q1] */
-        __m512i t = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-        t = _mm512_shuffle_i64x2(t, t, _MM_SHUFFLE(3, 1, 2, 0));           /* [q0, q0>>4, q1, q1>>4] */
-        t = _mm512_and_si512(t, m4);                                        /* 64 nibbles in order */
-        __m128 dm;
-        if (HAS_MIN) {
-            dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)lfq_u32(w1), (int)lfq_u32(w0))); /* d0 m0 d1 m1 */
+    for (int64_t b = 0; b < nb; b += 2) {
+        const uint8_t *w0 = w + b * BS, *w1 = b + 1 < nb ? w0 + BS : w0;
+        __m512i t;
+        __m128 dm;   /* [d0, o0, d1, o1]: scales and offset coefficients (m, -8d or -128d) */
+        if (TYPE == 2) {
+            dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)lfq_u32(w1), (int)lfq_u32(w0)));
         } else {
             uint32_t h0 = lfq_u16(w0), h1 = lfq_u16(w1);
             dm = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)(h1 | h1 << 16), (int)(h0 | h0 << 16)));
-            dm = _mm_mul_ps(dm, _mm_set_ps(-8.f, 1.f, -8.f, 1.f));         /* d0 -8d0 d1 -8d1 */
+            dm = _mm_mul_ps(dm, TYPE == 1 ? _mm_set_ps(-8.f, 1.f, -8.f, 1.f) : _mm_set_ps(-128.f, 1.f, -128.f, 1.f));
         }
+        if (b + 1 < nb) {
+            if (TYPE == 0) {
+                t = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(w1 + 2)), 1);
+                t = _mm512_xor_si512(t, x80);                       /* q + 128, unsigned */
+            } else {
+                __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(w0 + QO))),
+                                                    _mm_loadu_si128((const __m128i *)(w1 + QO)), 1);
+                t = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+                t = _mm512_shuffle_i64x2(t, t, _MM_SHUFFLE(3, 1, 2, 0)); /* q0 q0>>4 q1 q1>>4 */
+                t = _mm512_and_si512(t, m4);                        /* 64 nibbles in order */
+            }
+        } else {
+            __m256i v;
+            if (TYPE == 0) {
+                v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w0 + 2)), _mm512_castsi512_si256(x80));
+            } else {
+                __m128i q = _mm_loadu_si128((const __m128i *)(w0 + QO));
+                v = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1),
+                                     _mm512_castsi512_si256(m4));
+            }
+            t = _mm512_zextsi256_si512(v);                          /* odd last block alone */
+            dm = _mm_blend_ps(dm, _mm_setzero_ps(), 0xC);           /* no block b+1 */
+        }
+        const __m512 dwp = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(dm));
+        const __m128 off = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 3, 1));     /* [o0, o1, .. ] */
         for (int r = 0; r < NR; r++) {
-            __m128 p = _mm_mul_ps(dm, _mm_loadu_ps(ds[r] + 2 * b));   /* dw*dx, m*s (two blocks) */
-            accm[r] = _mm_add_ps(accm[r], p);
-            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t,
-                                            _mm512_loadu_si512((const void *)(xq[r] + b * 32)));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
-                                     _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(p)), acc[r]);
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t, _mm512_loadu_si512((const void *)(xq[r] + b * 32)));
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dwp), _mm512_loadu_ps(xp[r] + 8 * b), acc[r]);
+            acco[r] = _mm_fmadd_ps(off, _mm_castpd_ps(_mm_load_sd((const double *)(xs[r] + b))), acco[r]);
         }
     }
-    if (b < nb) {                                        /* odd block count: last block alone */
-        const uint8_t *w0 = w + b * BS;
-        __m128i q = _mm_loadu_si128((const __m128i *)(w0 + QO));
-        __m256i t = _mm256_and_si256(
-            _mm256_inserti128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1),
-            _mm256_set1_epi8(0x0F));
-        float d = _cvtsh_ss(lfq_u16(w0));
-        float m = HAS_MIN ? _cvtsh_ss(lfq_u16(w0 + 2)) : -8.f * d;
-        for (int r = 0; r < NR; r++) {
-            __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), t,
-                                            _mm256_loadu_si256((const __m256i *)(xq[r] + b * 32)));
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
-            tail[r] = d * ds[r][2 * b] * (float)_mm_cvtsi128_si32(s4) + m * ds[r][2 * b + 1];
-        }
-    }
-    for (int r = 0; r < NR; r++)
-        res[r] = _mm512_reduce_add_ps(acc[r]) + lfq_lanes13(accm[r]) + tail[r];
-}
-
-LFQ_T512 LFQ_INLINE void lfq_q8_0_avx512(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
-                                         float *res, const int NR) {
-    const int64_t nb = K / LFQ_QK;
-    const __m512i sidx = LFQ_PAIR_IDX;
-    const int8_t *xq[LFQ_MR];
-    const float *ds[LFQ_MR];
-    __m512 acc[LFQ_MR];
-    float tail[LFQ_MR];
     for (int r = 0; r < NR; r++) {
-        xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
-        ds[r] = x->ds + (int64_t)(i0 + r) * x->ds_stride;
-        acc[r] = _mm512_setzero_ps();
-        tail[r] = 0.f;
+        __m128 o = _mm_add_ps(acco[r], _mm_movehdup_ps(acco[r]));
+        res[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(o);
     }
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *w0 = w + b * 34, *w1 = w0 + 34;
-        __m512i v = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + 2))),
-            _mm256_loadu_si256((const __m256i *)(w1 + 2)), 1);
-        __mmask64 neg = _mm512_movepi8_mask(v);
-        __m512i aw = _mm512_abs_epi8(v);                 /* |w| as u8; x negated where w < 0 */
-        __m128 dd = _mm_cvtph_ps(_mm_set_epi32(0, 0, (int)lfq_u16(w1), (int)lfq_u16(w0))); /* d0 0 d1 0 */
-        for (int r = 0; r < NR; r++) {
-            __m128 p = _mm_mul_ps(dd, _mm_loadu_ps(ds[r] + 2 * b));
-            __m512i xv = _mm512_loadu_si512((const void *)(xq[r] + b * 32));
-            xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
-            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, xv);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s),
-                                     _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(p)), acc[r]);
-        }
-    }
-    if (b < nb) {
-        const uint8_t *w0 = w + b * 34;
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w0 + 2));
-        __m256i aw = _mm256_sign_epi8(v, v);
-        float d = _cvtsh_ss(lfq_u16(w0));
-        for (int r = 0; r < NR; r++) {
-            __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq[r] + b * 32)), v);
-            __m256i s = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, xv);
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
-            s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
-            tail[r] = d * ds[r][2 * b] * (float)_mm_cvtsi128_si32(s4);
-        }
-    }
-    for (int r = 0; r < NR; r++) res[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
 }
 
 LFQ_T512 LFQ_INLINE __m512 lfq_load16_half_avx512(const uint8_t *p, __mmask16 k, const int BF) {
@@ -609,8 +686,8 @@ LFQ_T512 LFQ_INLINE __m512 lfq_load16_half_avx512(const uint8_t *p, __mmask16 k,
 
 LFQ_T512 LFQ_INLINE void lfq_f16_avx512(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
                                         float *res, const int NR, const int BF) {
-    const float *xf[LFQ_MR];
-    __m512 acc[LFQ_MR];
+    const float *xf[LFQ_MRMAX];
+    __m512 acc[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
         xf[r] = x->xf + (int64_t)(i0 + r) * x->xf_stride;
         acc[r] = _mm512_setzero_ps();
@@ -629,44 +706,122 @@ LFQ_T512 LFQ_INLINE void lfq_f16_avx512(const uint8_t *w, int64_t K, const lfq_a
     for (int r = 0; r < NR; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-#define LFQ_CALL_Q8_0_5(wr, K, x, i0, res, NR) lfq_q8_0_avx512(wr, K, x, i0, res, NR)
-#define LFQ_CALL_Q4_0_5(wr, K, x, i0, res, NR) lfq_q4_avx512(wr, K, x, i0, res, NR, 0)
-#define LFQ_CALL_Q4_1_5(wr, K, x, i0, res, NR) lfq_q4_avx512(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q8_0_5(wr, K, x, i0, res, NR) lfq_blk_avx512(wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_0_5(wr, K, x, i0, res, NR) lfq_blk_avx512(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q4_1_5(wr, K, x, i0, res, NR) lfq_blk_avx512(wr, K, x, i0, res, NR, 2)
 #define LFQ_CALL_F16_5(wr, K, x, i0, res, NR) lfq_f16_avx512(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_5(wr, K, x, i0, res, NR) lfq_f16_avx512(wr, K, x, i0, res, NR, 1)
 
-LFQ_DEFINE_ROWS(lfq_rows_q8_0_avx512, LFQ_T512, LFQ_CALL_Q8_0_5)
-LFQ_DEFINE_ROWS(lfq_rows_q4_0_avx512, LFQ_T512, LFQ_CALL_Q4_0_5)
-LFQ_DEFINE_ROWS(lfq_rows_q4_1_avx512, LFQ_T512, LFQ_CALL_Q4_1_5)
-LFQ_DEFINE_ROWS(lfq_rows_f16_avx512, LFQ_T512, LFQ_CALL_F16_5)
-LFQ_DEFINE_ROWS(lfq_rows_bf16_avx512, LFQ_T512, LFQ_CALL_BF16_5)
+LFQ_DEFINE_ROWS(lfq_rows_q8_0_avx512, LFQ_T512, LFQ_CALL_Q8_0_5, 8)
+LFQ_DEFINE_ROWS(lfq_rows_q4_0_avx512, LFQ_T512, LFQ_CALL_Q4_0_5, 8)
+LFQ_DEFINE_ROWS(lfq_rows_q4_1_avx512, LFQ_T512, LFQ_CALL_Q4_1_5, 8)
+LFQ_DEFINE_ROWS(lfq_rows_f16_avx512, LFQ_T512, LFQ_CALL_F16_5, 8)
+LFQ_DEFINE_ROWS(lfq_rows_bf16_avx512, LFQ_T512, LFQ_CALL_BF16_5, 8)
+
+/* One block as 2 x 16 floats, bit-identical to lfq_dequant_row (mul, then add for Q4_1). */
+LFQ_T512 LFQ_INLINE void lfq_deq_block_avx512(const uint8_t *blk, __m512 *wv, const int TYPE) {
+    const __m512 d = _mm512_set1_ps(_cvtsh_ss(lfq_u16(blk)));
+    __m512i i0, i1;
+    if (TYPE == 0) {
+        i0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        i1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
+    } else {
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + (TYPE == 2 ? 4 : 2)));
+        i0 = _mm512_cvtepu8_epi32(_mm_and_si128(q, _mm_set1_epi8(0x0F)));
+        i1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F)));
+        if (TYPE == 1) {
+            i0 = _mm512_sub_epi32(i0, _mm512_set1_epi32(8));
+            i1 = _mm512_sub_epi32(i1, _mm512_set1_epi32(8));
+        }
+    }
+    wv[0] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(i0));
+    wv[1] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(i1));
+    if (TYPE == 2) {
+        const __m512 m = _mm512_set1_ps(_cvtsh_ss(lfq_u16(blk + 2)));
+        wv[0] = _mm512_add_ps(wv[0], m);
+        wv[1] = _mm512_add_ps(wv[1], m);
+    }
+}
+
+LFQ_T512 LFQ_INLINE void lfq_blkf_avx512(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
+                                         float *res, const int NR, const int TYPE) {
+    const int BS = TYPE == 0 ? 34 : (TYPE == 1 ? 18 : 20);
+    const float *xf[LFQ_MRMAX];
+    __m512 acc[LFQ_MRMAX];
+    for (int r = 0; r < NR; r++) {
+        xf[r] = x->xf + (int64_t)(i0 + r) * x->xf_stride;
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m512 wv[2];
+        lfq_deq_block_avx512(w + b * BS, wv, TYPE);
+        for (int r = 0; r < NR; r++) {
+            acc[r] = _mm512_fmadd_ps(wv[0], _mm512_loadu_ps(xf[r] + b * 32), acc[r]);
+            acc[r] = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xf[r] + b * 32 + 16), acc[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+#define LFQ_CALL_Q8_0F_5(wr, K, x, i0, res, NR) lfq_blkf_avx512(wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_0F_5(wr, K, x, i0, res, NR) lfq_blkf_avx512(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q4_1F_5(wr, K, x, i0, res, NR) lfq_blkf_avx512(wr, K, x, i0, res, NR, 2)
+LFQ_DEFINE_ROWS(lfq_rows_q8_0f_avx512, LFQ_T512, LFQ_CALL_Q8_0F_5, 8)
+LFQ_DEFINE_ROWS(lfq_rows_q4_0f_avx512, LFQ_T512, LFQ_CALL_Q4_0F_5, 8)
+LFQ_DEFINE_ROWS(lfq_rows_q4_1f_avx512, LFQ_T512, LFQ_CALL_Q4_1F_5, 8)
 
 #endif /* LFQ_X86 */
 
-/* ---------------------------------------------------------------- dispatch */
+/* ---------------------------------------------------------------- dispatch
+ *
+ * C API (header-only, for quant.pyx and for a caller with its own parallel region, e.g. a
+ * fused decode step):
+ *   level = lfq_get_level();
+ *   scratch: q = m rows of round_up(K, 64) int8, f = m rows of lfq_act_floats(K) floats;
+ *   lfq_quantize_kernel(level)(x + i * K, K, q + i * q_stride, f + i * f_stride) per row i,
+ *       once per input (any thread; the rows are independent);
+ *   lfq_act act = {q, f, x, q_stride, f_stride, K};   (xf = x is what F16/BF16 read)
+ *   lfq_rows_kernel(qtype, level)(w + r0 * row_bytes, row_bytes, r1 - r0, K, &act, m,
+ *                                 out + r0, ldo, beta)   for a thread's weight rows [r0, r1).
+ *   (lfq_rows_kernel_ex(qtype, level, 1): float activations, no scratch, only act.xf used.)
+ * out[i][r] = beta * out[i][r] + dot(x_i, W_r) (beta == 0: not read); every output is the
+ * same however the rows are split between threads or calls. */
 
 typedef void (*lfq_rows_fn)(const uint8_t *w, int64_t rb, int64_t nrows, int64_t K,
                             const lfq_act *x, int m, float *out, int64_t ldo, float beta);
-typedef void (*lfq_quantize_fn)(const float *x, int64_t K, int8_t *q, float *ds);
+typedef void (*lfq_quantize_fn)(const float *x, int64_t K, int8_t *q, float *f);
 
-static lfq_rows_fn lfq_rows_kernel(int qtype, int level) {
-    static const lfq_rows_fn scalar[LFQ_NTYPES] = {
-        lfq_rows_q8_0_scalar, lfq_rows_q4_0_scalar, lfq_rows_q4_1_scalar,
-        lfq_rows_f16_scalar, lfq_rows_bf16_scalar};
+/* exact_act: for Q8_0/Q4_0/Q4_1, multiply float activations with the dequantized weights
+ * instead of quantizing the activations (F16/BF16 always use float activations). */
+static lfq_rows_fn lfq_rows_kernel_ex(int qtype, int level, int exact_act) {
+    static const lfq_rows_fn scalar[2][LFQ_NTYPES] = {
+        {lfq_rows_q8_0_scalar, lfq_rows_q4_0_scalar, lfq_rows_q4_1_scalar,
+         lfq_rows_f16_scalar, lfq_rows_bf16_scalar},
+        {lfq_rows_q8_0f_scalar, lfq_rows_q4_0f_scalar, lfq_rows_q4_1f_scalar,
+         lfq_rows_f16_scalar, lfq_rows_bf16_scalar}};
     if (qtype < 0 || qtype >= LFQ_NTYPES) return NULL;
+    exact_act = exact_act ? 1 : 0;
 #if LFQ_X86
-    static const lfq_rows_fn avx2[LFQ_NTYPES] = {
-        lfq_rows_q8_0_avx2, lfq_rows_q4_0_avx2, lfq_rows_q4_1_avx2,
-        lfq_rows_f16_avx2, lfq_rows_bf16_avx2};
-    static const lfq_rows_fn avx512[LFQ_NTYPES] = {
-        lfq_rows_q8_0_avx512, lfq_rows_q4_0_avx512, lfq_rows_q4_1_avx512,
-        lfq_rows_f16_avx512, lfq_rows_bf16_avx512};
-    if (level >= LFQ_AVX512) return avx512[qtype];
-    if (level >= LFQ_AVX2) return avx2[qtype];
+    static const lfq_rows_fn avx2[2][LFQ_NTYPES] = {
+        {lfq_rows_q8_0_avx2, lfq_rows_q4_0_avx2, lfq_rows_q4_1_avx2,
+         lfq_rows_f16_avx2, lfq_rows_bf16_avx2},
+        {lfq_rows_q8_0f_avx2, lfq_rows_q4_0f_avx2, lfq_rows_q4_1f_avx2,
+         lfq_rows_f16_avx2, lfq_rows_bf16_avx2}};
+    static const lfq_rows_fn avx512[2][LFQ_NTYPES] = {
+        {lfq_rows_q8_0_avx512, lfq_rows_q4_0_avx512, lfq_rows_q4_1_avx512,
+         lfq_rows_f16_avx512, lfq_rows_bf16_avx512},
+        {lfq_rows_q8_0f_avx512, lfq_rows_q4_0f_avx512, lfq_rows_q4_1f_avx512,
+         lfq_rows_f16_avx512, lfq_rows_bf16_avx512}};
+    if (level >= LFQ_AVX512) return avx512[exact_act][qtype];
+    if (level >= LFQ_AVX2) return avx2[exact_act][qtype];
 #else
     (void)level;
 #endif
-    return scalar[qtype];
+    return scalar[exact_act][qtype];
+}
+
+static inline lfq_rows_fn lfq_rows_kernel(int qtype, int level) {
+    return lfq_rows_kernel_ex(qtype, level, 0);
 }
 
 static lfq_quantize_fn lfq_quantize_kernel(int level) {

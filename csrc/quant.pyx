@@ -10,6 +10,7 @@ computed by one thread in a fixed order, so results do not depend on the thread 
 Type codes: 0 q8_0, 1 q4_0, 2 q4_1, 3 f16, 4 bf16 (see QTYPE_CODES).
 """
 import os
+import warnings
 
 import numpy as np
 
@@ -19,16 +20,19 @@ from cython.parallel cimport prange
 cdef extern from "quant.h" nogil:
     ctypedef struct lfq_act:
         const int8_t *q
-        const float *ds
+        const float *f
         const float *xf
         int64_t q_stride
-        int64_t ds_stride
+        int64_t f_stride
         int64_t xf_stride
     ctypedef void (*lfq_rows_fn)(const uint8_t *w, int64_t rb, int64_t nrows, int64_t K,
                                  const lfq_act *x, int m, float *out, int64_t ldo,
                                  float beta) noexcept nogil
     ctypedef void (*lfq_quantize_fn)(const float *x, int64_t K, int8_t *q,
-                                     float *ds) noexcept nogil
+                                     float *f) noexcept nogil
+    int64_t lfq_act_floats(int64_t K)
+    int64_t lfq_npairs(int64_t K)
+    int64_t lfq_nbpad(int64_t K)
     int LFQ_SCALAR, LFQ_AVX2, LFQ_AVX512, LFQ_NTYPES
     void lfq_set_num_threads(int n)
     int lfq_get_num_threads()
@@ -37,7 +41,7 @@ cdef extern from "quant.h" nogil:
     int lfq_set_level(int requested)
     int lfq_get_level()
     void lfq_dequant_row(int qtype, const uint8_t *w, int64_t K, float *y)
-    lfq_rows_fn lfq_rows_kernel(int qtype, int level)
+    lfq_rows_fn lfq_rows_kernel_ex(int qtype, int level, int exact_act)
     lfq_quantize_fn lfq_quantize_kernel(int level)
 
 QTYPE_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "f16": 3, "bf16": 4}
@@ -86,12 +90,11 @@ def set_simd_level(name):
 
 
 _env = os.environ.get("LLM_FAST_SIMD", "").strip().lower()
-if _env:
-    if _env not in SIMD_LEVELS:
-        raise ValueError(f"LLM_FAST_SIMD must be one of {SIMD_LEVELS}, got {_env!r}")
-    lfq_set_level(SIMD_LEVELS.index(_env))
-else:
-    lfq_set_level(2)
+if _env and _env not in SIMD_LEVELS:
+    # A typo must not make the library unimportable: say so and use the best level.
+    warnings.warn(f"LLM_FAST_SIMD={_env!r} is not one of {SIMD_LEVELS}; ignored", RuntimeWarning)
+    _env = ""
+lfq_set_level(SIMD_LEVELS.index(_env) if _env else 2)
 
 
 # ------------------------------------------------------------------ workspace
@@ -102,8 +105,9 @@ cdef inline int64_t _round_up(int64_t n, int64_t k) noexcept nogil:
 
 cdef class Workspace:
     """Scratch for the 8-bit activations of one matmul call: m rows of K int8 (row stride K
-    rounded up to 64) followed by m rows of K/32 (d, s) float pairs. Grows on demand, never
-    shrinks; one Workspace must not be used by two calls at the same time."""
+    rounded up to 64) followed by m rows of lfq_act_floats(K) floats (per-block scales, their
+    AVX-512 broadcast patterns and d * sum(q); see quant.h). Grows on demand, never shrinks;
+    one Workspace must not be used by two calls at the same time."""
     cdef object buf
     cdef uint8_t *ptr
     cdef readonly int64_t capacity
@@ -138,17 +142,18 @@ cdef inline int64_t _cols_from_row_bytes(int qtype, int64_t row_bytes) except -1
 
 
 def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1] x,
-           float[:, ::1] out, float beta, Workspace ws):
+           float[:, ::1] out, float beta, Workspace ws not None, bint exact_act=False):
     """out = beta * out + x @ W.T, W given as `w` (rows, row_bytes) in ggml layout with `cols`
-    weights per row. x: (m, cols) float32; out: (m, rows) float32. beta == 0: out is not read."""
-    cdef int64_t rows = w.shape[0], m = x.shape[0], K = cols, nb = 0, qstride = 0, i, t, ntiles, r0, nr
+    weights per row. x: (m, cols) float32; out: (m, rows) float32. beta == 0: out is not read.
+    exact_act: float activations times the dequantized weights (no 8-bit activations)."""
+    cdef int64_t rows = w.shape[0], m = x.shape[0], K = cols, nf = 0, qstride = 0, i, t, ntiles, r0, nr
     cdef int level = lfq_get_level()
     cdef lfq_rows_fn fn
     cdef lfq_quantize_fn qfn = lfq_quantize_kernel(level)
     cdef lfq_act act
     cdef uint8_t *scratch
     cdef int8_t *xq = NULL
-    cdef float *xds = NULL
+    cdef float *xf = NULL
     cdef int tile = ROW_TILE
     if _cols_from_row_bytes(qtype, w.shape[1]) != cols:
         raise ValueError(f"weight rows of {w.shape[1]} bytes do not hold {cols} columns")
@@ -160,32 +165,32 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
         return
     if m > 2147483647:
         raise ValueError("too many activation rows")
-    fn = lfq_rows_kernel(qtype, level)
+    fn = lfq_rows_kernel_ex(qtype, level, exact_act)
     act.xf = &x[0, 0]
     act.xf_stride = cols
     act.q = NULL
-    act.ds = NULL
+    act.f = NULL
     act.q_stride = 0
-    act.ds_stride = 0
-    if qtype <= 2:
-        nb = cols // 32
+    act.f_stride = 0
+    if qtype <= 2 and not exact_act:
+        nf = lfq_act_floats(cols)
         qstride = _round_up(cols, 64)
-        scratch = ws.reserve(m * qstride + m * nb * 2 * sizeof(float))
+        scratch = ws.reserve(m * qstride + m * nf * sizeof(float))
         xq = <int8_t *>scratch
-        xds = <float *>(scratch + m * qstride)
+        xf = <float *>(scratch + m * qstride)
         act.q = xq
-        act.ds = xds
+        act.f = xf
         act.q_stride = qstride
-        act.ds_stride = 2 * nb
+        act.f_stride = nf
     ntiles = (rows + tile - 1) // tile
     with nogil:
-        if qtype <= 2:
+        if qtype <= 2 and not exact_act:
             if m >= PAR_QUANT_ROWS:
                 for i in prange(m, schedule="static"):
-                    qfn(&x[i, 0], K, xq + i * qstride, xds + i * 2 * nb)
+                    qfn(&x[i, 0], K, xq + i * qstride, xf + i * nf)
             else:
                 for i in range(m):
-                    qfn(&x[i, 0], K, xq + i * qstride, xds + i * 2 * nb)
+                    qfn(&x[i, 0], K, xq + i * qstride, xf + i * nf)
         for t in prange(ntiles, schedule="static"):
             r0 = t * tile
             nr = rows - r0
@@ -194,22 +199,28 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
             fn(&w[r0, 0], w.shape[1], nr, K, &act, <int>m, &out[0, r0], rows, beta)
 
 
+def activation_layout(int64_t K):
+    """Offsets in a row's float area (see quant.h): (patterns, d, s, total floats)."""
+    return 0, 16 * lfq_npairs(K), 16 * lfq_npairs(K) + lfq_nbpad(K), lfq_act_floats(K)
+
+
 def quantize_activations(const float[:, ::1] x):
-    """Test hook: the 8-bit activation quantization the matmul uses, as (q int8 (m, K),
-    ds float32 (m, K/32, 2) with ds[..., 0] = d and ds[..., 1] = d * sum(q))."""
+    """Test hook: the 8-bit activation quantization the matmul uses: (q int8 (m, K),
+    f float32 (m, activation_layout(K)[3])), f holding the per-block d, s = d * sum(q) and the
+    AVX-512 scale patterns at the offsets activation_layout(K) gives."""
     cdef int64_t m = x.shape[0], K = x.shape[1], i
     if K % 32:
         raise ValueError(f"activation row length {K} is not a multiple of 32")
     q = np.empty((m, K), dtype=np.int8)
-    ds = np.empty((m, K // 32, 2), dtype=np.float32)
+    f = np.full((m, lfq_act_floats(K)), np.nan, dtype=np.float32)  # every float must be written
     cdef int8_t[:, ::1] qv = q
-    cdef float[:, :, ::1] dv = ds
+    cdef float[:, ::1] fv = f
     cdef lfq_quantize_fn qfn = lfq_quantize_kernel(lfq_get_level())
     if m and K:
         with nogil:
             for i in range(m):
-                qfn(&x[i, 0], K, &qv[i, 0], &dv[i, 0, 0])
-    return q, ds
+                qfn(&x[i, 0], K, &qv[i, 0], &fv[i, 0])
+    return q, f
 
 
 def dequantize(int qtype, const uint8_t[:, ::1] w, float[:, ::1] out):

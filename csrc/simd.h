@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include "omp_shim.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define LF_X86 1
@@ -35,7 +36,8 @@ static int lf_simd_level(void) {
 #if LF_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) lvl = LF_AVX2;
-    if (lvl == LF_AVX2 && __builtin_cpu_supports("avx512f")) lvl = LF_AVX512;
+    if (lvl == LF_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+        lvl = LF_AVX512;
 #endif
     const char *env = getenv("LLM_FAST_SIMD");
     if (env) {
@@ -113,13 +115,36 @@ __attribute__((target("avx2,fma"))) static inline __m256i lf_tailmask256(long r)
                 C[i * ldc + j] = lf_finish(beta, C[i * ldc + j], alpha, lf_hsum256(acc[i][j])); \
     }
 
+/* [sum(a), sum(b), sum(c), sum(d)] with the halving tree of _mm512_reduce_add_ps (lane i plus
+ * lane i + 8, then + 4, + 2, + 1), four accumulators at once: bit-identical to reducing each
+ * alone, at a quarter of the shuffles. */
+__attribute__((target("avx512f,avx512vl"))) static inline __m128 lf_hsum4_512(__m512 a, __m512 b, __m512 c,
+                                                                  __m512 d) {
+    __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(t, v, 0x88), _mm512_shuffle_f32x4(t, v, 0xDD));
+    w = _mm512_add_ps(w, _mm512_permute_ps(w, 0x4E));
+    w = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
+    return _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, w));
+}
+
+/* C[:nr] = beta * C[:nr] + alpha * d[:nr] (lf_finish on 4 lanes). */
+__attribute__((target("avx512f,avx512vl"))) static inline void lf_finish4(float *C, __m128 d, int nr,
+                                                               float alpha, float beta) {
+    __mmask8 m = (__mmask8)((1u << nr) - 1u);
+    __m128 r = _mm_mul_ps(_mm_set1_ps(alpha), d);
+    if (beta != 0.0f)
+        r = _mm_add_ps(_mm_mul_ps(_mm_set1_ps(beta), _mm_maskz_loadu_ps(m, C)), r);
+    _mm_mask_storeu_ps(C, m, r);
+}
+
 #define LF_TILE_AVX512(MR, NR)                                                                 \
-    __attribute__((target("avx512f,fma"))) static void lf_tile_a5_##MR##x##NR(                \
+    __attribute__((target("avx512f,avx512vl,fma"))) static void lf_tile_a5_##MR##x##NR(        \
         const float *A, long lda, const float *B, long ldb, long k, float *C, long ldc,       \
         float alpha, float beta) {                                                             \
-        __m512 acc[MR][NR];                                                                    \
+        __m512 acc[MR][4];                                                                     \
         for (int i = 0; i < MR; i++)                                                           \
-            for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();                      \
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();                       \
         long p = 0;                                                                            \
         for (; p + 16 <= k; p += 16) {                                                         \
             __m512 b[NR];                                                                      \
@@ -139,9 +164,8 @@ __attribute__((target("avx2,fma"))) static inline __m256i lf_tailmask256(long r)
             }                                                                                  \
         }                                                                                      \
         for (int i = 0; i < MR; i++)                                                           \
-            for (int j = 0; j < NR; j++)                                                       \
-                C[i * ldc + j] = lf_finish(beta, C[i * ldc + j], alpha,                        \
-                                           _mm512_reduce_add_ps(acc[i][j]));                   \
+            lf_finish4(C + i * ldc, lf_hsum4_512(acc[i][0], acc[i][1], acc[i][2], acc[i][3]),  \
+                       NR, alpha, beta);                                                       \
     }
 #endif
 
@@ -240,9 +264,77 @@ static inline void lf_rms_norm_row(int level, float *out, const float *x, const 
     for (long i = 0; i < n; i++) out[i] = w[i] * (x[i] * inv);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* exp for softmax and SiLU. The AVX-512 path is a vectorised Cephes expf (range reduction by
+ * ln 2, degree-6 polynomial, scalef for 2^n; max error ~2 ulp); every element of a row, tail
+ * included (masked), goes through the same instructions, so a value does not depend on its
+ * position or on how a row is split. Other levels use libm's expf. */
+#if LF_X86
+__attribute__((target("avx512f"))) static inline __m512 lf_exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+__attribute__((target("avx512f"))) static void lf_softmax_row_a5(float *x, long n, long total) {
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    long i = 0;
+    for (; i + 16 <= n; i += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(x + i));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, x + i));
+    }
+    __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));  /* max is exact in any order */
+    __m512 acc = _mm512_setzero_ps();
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m512 e = lf_exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), mx));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 e = lf_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), mx));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        acc = _mm512_mask_add_ps(acc, m, acc, e);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(acc));
+    for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+    }
+    for (i = n; i < total; i++) x[i] = 0.0f;
+}
+
+/* out[j] = silu(gate[j]) * up[j] = gate / (1 + exp(-gate)) * up */
+__attribute__((target("avx512f"))) static void lf_swiglu_row_a5(float *out, const float *gate,
+                                                                const float *up, long n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (long i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 g = _mm512_maskz_loadu_ps(m, gate + i), u = _mm512_maskz_loadu_ps(m, up + i);
+        __m512 e = lf_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u));
+    }
+}
+#endif
+
 /* In-place softmax of x[:n]; x[n:total] (masked part) set to 0. */
 static inline void lf_softmax_row(float *x, long n, long total) {
     if (n <= 0) { for (long i = 0; i < total; i++) x[i] = 0.0f; return; }
+#if LF_X86
+    if (lf_simd_level() == LF_AVX512) { lf_softmax_row_a5(x, n, total); return; }
+#endif
     float mx = x[0];
     for (long i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     float s = 0.0f;
@@ -250,6 +342,16 @@ static inline void lf_softmax_row(float *x, long n, long total) {
     float inv = 1.0f / s;
     for (long i = 0; i < n; i++) x[i] *= inv;
     for (long i = n; i < total; i++) x[i] = 0.0f;
+}
+
+static inline float lf_silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* out[:n] = silu(gate[:n]) * up[:n] (out may alias up or gate). */
+static inline void lf_swiglu_row(int level, float *out, const float *gate, const float *up, long n) {
+#if LF_X86
+    if (level == LF_AVX512) { lf_swiglu_row_a5(out, gate, up, n); return; }
+#endif
+    for (long i = 0; i < n; i++) out[i] = lf_silu(gate[i]) * up[i];
 }
 
 /* Rotate-half RoPE of one head vector x[:d] with cos/sin rows of length d/2. */
@@ -262,6 +364,93 @@ static inline void lf_rope_head(float *x, const float *cs, const float *sn, long
     }
 }
 
-static inline float lf_silu(float g) { return g / (1.0f + expf(-g)); }
+/* out[h, :d] = sum_j p[h, j] * V[j, :d] for the nh (<= 4) heads of one KV group, j in order,
+ * one fused multiply-add per term (the same value as lf_axpy over j into zeros). */
+#if LF_X86
+__attribute__((target("avx512f"))) static void lf_attend_pv_a5(const float *p, long ldp, int nh,
+                                                               const float *v, long kv_stride,
+                                                               long total, long d, float *out,
+                                                               long ldo) {
+    for (long c = 0; c < d; c += 16) {
+        __mmask16 m = d - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - c)) - 1u);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                         _mm512_setzero_ps()};
+        for (long j = 0; j < total; j++) {
+            __m512 vj = _mm512_maskz_loadu_ps(m, v + j * kv_stride + c);
+            for (int h = 0; h < nh; h++)
+                acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * ldp + j]), vj, acc[h]);
+        }
+        for (int h = 0; h < nh; h++) _mm512_mask_storeu_ps(out + h * ldo + c, m, acc[h]);
+    }
+}
+#endif
+
+/* nq query heads that read the same KV head, over `total` cached positions:
+ * out[h, :d] = softmax(scale * q[h] . K^T) V for h < nq. q rows and out rows are d floats
+ * apart (the heads of one position are contiguous); K and V rows are kv_stride floats apart;
+ * scores is scratch of nq x total floats. Each head's scores are dot products through the
+ * matmul tiles (4 keys at a time, all heads of the group against the same keys), so a value
+ * does not depend on how many heads or positions are processed together. */
+static inline void lf_attend_group(int level, const float *q, long nq, const float *k_cache,
+                                   const float *v_cache, long kv_stride, long total, long d,
+                                   float scale, float *scores, float *out) {
+    for (long j = 0; j < total; j += 4) {
+        long nr = total - j < 4 ? total - j : 4;
+        lf_gemm_colblock(level, q, d, k_cache + j * kv_stride, kv_stride, d, scores + j, total,
+                         nq, (int)nr, scale, 0.0f);
+    }
+    for (long h = 0; h < nq; h++) lf_softmax_row(scores + h * total, total, total);
+#if LF_X86
+    if (level == LF_AVX512) {
+        for (long h = 0; h < nq; h += 4)
+            lf_attend_pv_a5(scores + h * total, total, nq - h < 4 ? (int)(nq - h) : 4, v_cache,
+                            kv_stride, total, d, out + h * d, d);
+        return;
+    }
+#endif
+    for (long h = 0; h < nq; h++) {
+        memset(out + h * d, 0, (size_t)d * sizeof(float));
+        for (long j = 0; j < total; j++)
+            lf_axpy(level, out + h * d, scores[h * total + j], v_cache + j * kv_stride, d);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Memory read bandwidth probe: sum of x[:n], one contiguous range per thread, 4 independent
+ * AVX-512 accumulators (enough loads in flight to saturate DRAM). */
+#if LF_X86
+__attribute__((target("avx512f"))) static float lf_stream_sum_a5(const float *x, long n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_add_ps(a0, _mm512_loadu_ps(x + i));
+        a1 = _mm512_add_ps(a1, _mm512_loadu_ps(x + i + 16));
+        a2 = _mm512_add_ps(a2, _mm512_loadu_ps(x + i + 32));
+        a3 = _mm512_add_ps(a3, _mm512_loadu_ps(x + i + 48));
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < n; i++) s += x[i];
+    return s;
+}
+#endif
+static inline double lf_stream_sum(const float *x, long n, int nthreads) {
+    double total = 0.0;
+    int level = lf_simd_level();
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+#endif
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        long a = n * tid / nth, b = n * (tid + 1) / nth;
+        float s = 0.0f;
+#if LF_X86
+        if (level == LF_AVX512) s = lf_stream_sum_a5(x + a, b - a);
+        else
+#endif
+            for (long i = a; i < b; i++) s += x[i];
+        total += s;
+    }
+    return total;
+}
 
 #endif /* LLM_FAST_SIMD_H */

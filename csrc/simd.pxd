@@ -10,6 +10,11 @@ cdef extern from "simd.h" nogil:
     void lf_softmax_row(float *x, long n, long total)
     void lf_rope_head(float *x, const float *cs, const float *sn, long d)
     float lf_silu(float g)
+    double lf_stream_sum(const float *x, long n, int nthreads)
+    void lf_swiglu_row(int level, float *out, const float *gate, const float *up, long n)
+    void lf_attend_group(int level, const float *q, long nq, const float *k_cache,
+                         const float *v_cache, long kv_stride, long total, long d, float scale,
+                         float *scores, float *out)
 
 cdef extern from "omp_shim.h" nogil:
     int omp_get_max_threads()

@@ -5,11 +5,14 @@ model's hot loop calls the unchecked `raw` functions on buffers it allocated its
 """
 from __future__ import annotations
 
+import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 
 from ._kernels import attention as _attention
+from ._kernels import decode as _decode
 from ._kernels import elementwise as _elementwise
 from ._kernels import linalg as _linalg
 from ._kernels import rope as _rope
@@ -22,6 +25,14 @@ raw = SimpleNamespace(
     qkv_split_rope=_rope.qkv_split_rope,
     attention=_attention.attention,
 )
+
+# The fused one-token decode step over captured weight pointers (used by llm_fast.model).
+DecodePlan = _decode.DecodePlan
+
+_SIMD_ENV = os.environ.get("LLM_FAST_SIMD")
+if _SIMD_ENV is not None and _SIMD_ENV not in ("scalar", "avx2", "avx512"):
+    warnings.warn(f"LLM_FAST_SIMD={_SIMD_ENV!r} is not one of scalar, avx2, avx512; ignored "
+                  f"(using {_runtime.simd_level()})", RuntimeWarning, stacklevel=2)
 
 set_num_threads = _runtime.set_num_threads
 get_num_threads = _runtime.get_num_threads
@@ -136,9 +147,11 @@ def attention(out, q, k_cache, v_cache, past, n_heads, n_kv_heads, head_dim, scr
     if past < 0 or past + seq > k_cache.shape[0]:
         raise ValueError(f"attention: past {past} + seq {seq} exceeds the cache length {k_cache.shape[0]}")
     need = (max(get_num_threads(), 1), past + seq)
-    if scratch is None:
-        scratch = np.empty(need, np.float32)
-    elif scratch.shape[0] < need[0] or scratch.shape[1] < need[1]:
+    if scratch is None:  # room for a whole KV group per thread (see _kernels.attention)
+        scratch = np.empty((need[0], (n_heads // n_kv_heads) * need[1]), np.float32)
+    else:
+        _f32("scratch", scratch, 2, writable=True)
+    if scratch.shape[0] < need[0] or scratch.shape[1] < need[1]:
         raise ValueError(f"attention: scratch {scratch.shape} must be at least {need}")
     _attention.attention(out, q, k_cache, v_cache, int(past), int(n_heads), int(n_kv_heads),
                          int(head_dim), scratch)

@@ -3,16 +3,25 @@
 The model holds weights, RoPE tables and scratch buffers; the sequence state lives in the
 KVCache passed in. No text, no sampling, no I/O here. Prefill runs the whole prompt through each
 layer at once (in chunks of at most `max_chunk` rows); decode is the same code with one row.
+
+Decoding one token through the Python layer loop costs ~12 kernel calls per layer, each with its
+argument parsing and its own OpenMP fork/join. For float32 weights a fused decode step
+(csrc/decode.h) runs the same kernels in the same order for all layers in one nogil call, on
+pointers captured here once; its logits are bit-identical to the layer loop's, which stays the
+readable reference path (`use_fused_decode = False` selects it).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 
 import numpy as np
 
 from .cache import KVCache
 from .config import ModelConfig
-from .kernels import get_num_threads, raw
+from .kernels import DecodePlan, get_num_threads, raw
+from .memory import aligned_copy, aligned_zeros
 from .rope import rope_tables
 from .weights import Weights
 
@@ -20,21 +29,27 @@ from .weights import Weights
 class Model:
     def __init__(self, config: ModelConfig, weights: Weights, max_chunk: int = 256):
         self.config = config
-        self.weights = weights
+        self.weights = weights = placed(weights)
         self.max_chunk = int(max_chunk)
         c, n = config, self.max_chunk
         self.cos, self.sin = rope_tables(config, c.max_position_embeddings)
         # Scratch for one chunk of rows, allocated once.
-        self._x = np.zeros((n, c.hidden_size), np.float32)      # residual stream
-        self._h = np.zeros((n, c.hidden_size), np.float32)      # normed input of a block
-        self._qkv = np.zeros((n, c.q_dim + 2 * c.kv_dim), np.float32)
-        self._q = np.zeros((n, c.q_dim), np.float32)
-        self._att = np.zeros((n, c.q_dim), np.float32)
-        self._gu = np.zeros((n, 2 * c.intermediate_size), np.float32)
-        self._act = np.zeros((n, c.intermediate_size), np.float32)
-        self._logits = np.zeros((1, c.vocab_size), np.float32)
+        self._x = aligned_zeros((n, c.hidden_size))        # residual stream
+        self._h = aligned_zeros((n, c.hidden_size))        # normed input of a block
+        self._qkv = aligned_zeros((n, c.q_dim + 2 * c.kv_dim))
+        self._q = aligned_zeros((n, c.q_dim))
+        self._att = aligned_zeros((n, c.q_dim))
+        self._gu = aligned_zeros((n, 2 * c.intermediate_size))
+        self._act = aligned_zeros((n, c.intermediate_size))
+        self._logits = aligned_zeros((1, c.vocab_size))
+        self._group = c.num_attention_heads // c.num_key_value_heads
         self._scores = np.zeros((max(get_num_threads(), 1), 0), np.float32)
         self._lock = threading.Lock()
+        self._plan = None
+        if _all_float32(weights):
+            self._plan = DecodePlan(c, weights, self.cos, self.sin, c.max_position_embeddings,
+                                    max(get_num_threads(), os.cpu_count() or 1))
+        self.use_fused_decode = self._plan is not None
 
     # ----------------------------------------------------------------------------------------
     def new_cache(self, max_len: int | None = None) -> KVCache:
@@ -47,6 +62,9 @@ class Model:
         overwritten by the next call (copy it to keep it). logits="all": a new (n, vocab) array.
         logits="none": only fill the cache.
         """
+        if (self.use_fused_decode and type(token_ids) in (list, tuple) and len(token_ids) == 1
+                and type(token_ids[0]) is int and logits in ("last", "none")):
+            return self._decode_one(token_ids[0], cache, logits == "last")
         ids = np.asarray(token_ids)
         if ids.ndim != 1:
             ids = ids.reshape(-1)
@@ -67,9 +85,12 @@ class Model:
         if len(cache.k) != self.config.num_hidden_layers or cache.k[0].shape[1] != self.config.kv_dim:
             raise ValueError("forward: the cache was made for a different model")
 
+        if n == 1 and self.use_fused_decode and logits != "all":
+            return self._decode_one(int(ids[0]), cache, logits == "last")
         with self._lock:
-            if self._scores.shape[0] < get_num_threads() or self._scores.shape[1] < cache.max_len:
-                self._scores = np.zeros((max(get_num_threads(), 1), cache.max_len), np.float32)
+            need = (max(get_num_threads(), 1), self._group * cache.max_len)
+            if self._scores.shape[0] < need[0] or self._scores.shape[1] < need[1]:
+                self._scores = aligned_zeros(need)   # one (group, positions) block per thread
             all_logits = np.empty((n, self.config.vocab_size), np.float32) if logits == "all" else None
             for start in range(0, n, self.max_chunk):
                 chunk = ids[start:start + self.max_chunk]
@@ -85,6 +106,20 @@ class Model:
         if logits == "last":
             return self._logits[0]
         return None
+
+    def _decode_one(self, tok: int, cache: KVCache, want_logits: bool):
+        """One token through the fused decode step (same result as the layer loop)."""
+        if not 0 <= tok < self.config.vocab_size:
+            raise ValueError(f"forward: token id {tok} is outside the vocabulary [0, {self.config.vocab_size})")
+        if cache.length >= cache.max_len:
+            raise ValueError(f"forward: 1 tokens do not fit the cache ({cache.length} of "
+                             f"{cache.max_len} positions used)")
+        with self._lock:
+            self._plan.step(tok, cache.k, cache.v, cache.length,
+                            self._logits[0] if want_logits else None, get_num_threads())
+            cache.length += 1
+            cache.tokens.append(tok)
+        return self._logits[0] if want_logits else None
 
     # ----------------------------------------------------------------------------------------
     def _embed(self, ids, x):
@@ -123,6 +158,37 @@ class Model:
         h = self._h[:m]
         raw.rms_norm(h, x, self.weights.norm, self.config.rms_norm_eps)
         _linear(out, h, self.weights.lm_head, 0.0)
+
+
+def placed(weights: Weights) -> Weights:
+    """The weights with every float32 array on a 64-byte boundary (2 MiB + huge pages for large
+    ones; see llm_fast.memory). Arrays already aligned are kept, others copied once; quantized
+    matrices are kept as they are. Tied embeddings stay one object."""
+    memo = {}
+
+    def place(a):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+            return a
+        if id(a) not in memo:
+            memo[id(a)] = aligned_copy(a)
+        return memo[id(a)]
+
+    layers = [dataclasses.replace(
+        lw, input_layernorm=place(lw.input_layernorm), qkv_proj=place(lw.qkv_proj),
+        o_proj=place(lw.o_proj), post_attention_layernorm=place(lw.post_attention_layernorm),
+        gate_up_proj=place(lw.gate_up_proj), down_proj=place(lw.down_proj))
+        for lw in weights.layers]
+    return dataclasses.replace(weights, embed_tokens=place(weights.embed_tokens), layers=layers,
+                               norm=place(weights.norm), lm_head=place(weights.lm_head))
+
+
+def _all_float32(weights: Weights) -> bool:
+    mats = [weights.embed_tokens, weights.lm_head, weights.norm]
+    for lw in weights.layers:
+        mats += [lw.input_layernorm, lw.qkv_proj, lw.o_proj, lw.post_attention_layernorm,
+                 lw.gate_up_proj, lw.down_proj]
+    return all(isinstance(m, np.ndarray) and m.dtype == np.float32 and m.flags.c_contiguous
+               for m in mats)
 
 
 def _linear(out, x, w, beta):
