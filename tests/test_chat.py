@@ -451,7 +451,11 @@ def test_smollm2_names_paris_and_stops_at_im_end(smollm2):
     model, tok = smollm2
     im_end = tok.tk.token_to_id("<|im_end|>")
     assert tok.chat_template and im_end is not None
-    s = ChatSession(model, tok, sampling=GREEDY, max_new_tokens=32)
+    # With the template's built-in default system prompt the first token is a near tie even in
+    # float64 ("The" 25.325 vs "L" 25.243), which 8-bit activation rounding (as llama.cpp does)
+    # flips; a plain system prompt gives a clear margin.
+    s = ChatSession(model, tok, system_prompt="You are a helpful assistant.", sampling=GREEDY,
+                    max_new_tokens=32)
     assert im_end in s.eos_token_ids
     reply = s.chat("What is the capital of France?")
     assert "Paris" in reply
