@@ -62,11 +62,7 @@ def load_model(path: str | None = None, quantize: str | None = None, max_chunk: 
     path = resolve_model_path(path)
     if _is_gguf(path):
         from .gguf_file import load_gguf
-        from .weights import build_weights_from_dict
-        g = load_gguf(path)
-        config = ModelConfig.from_dict(g.config, source=path)
-        weights = build_weights_from_dict(config, g.tensors, path, quantize=quantize)
-        return Model(config, weights, max_chunk=max_chunk)
+        return _model_from_gguf(load_gguf(path, with_tokenizer=False), path, quantize, max_chunk)
     from .weights import load_safetensors_weights
     config = ModelConfig.from_file(os.path.join(path, "config.json"))
     weights = load_safetensors_weights(path, config, quantize=quantize)
@@ -81,7 +77,21 @@ def load_tokenizer(path: str | None = None):
     return Tokenizer.from_dir(path)
 
 
+def _model_from_gguf(g, path: str, quantize, max_chunk: int) -> Model:
+    from .weights import build_weights_from_dict
+    config = ModelConfig.from_dict(g.config, source=path)
+    weights = build_weights_from_dict(config, g.tensors, path, quantize=quantize)
+    return Model(config, weights, max_chunk=max_chunk)
+
+
 def load(path: str | None = None, quantize: str | None = None):
-    """(model, tokenizer) from one path."""
+    """(model, tokenizer) from one path (a GGUF file is parsed once for both)."""
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
     path = resolve_model_path(path)
+    if _is_gguf(path):
+        from .gguf_file import load_gguf
+        from .tokenizer import Tokenizer
+        g = load_gguf(path)
+        return _model_from_gguf(g, path, quantize, 256), Tokenizer.from_gguf(path, gguf_data=g)
     return load_model(path, quantize=quantize), load_tokenizer(path)
