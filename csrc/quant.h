@@ -60,6 +60,7 @@ typedef struct {
     const float *f;      /* m rows of lfq_act_floats(K) floats, row stride f_stride */
     const float *xf;     /* m rows of K float, row stride xf_stride floats */
     int64_t q_stride, f_stride, xf_stride;
+    int limbs;           /* 1, or 2: rows 2i, 2i+1 of q/f are the two terms of x_i (see below) */
 } lfq_act;
 
 static inline int64_t lfq_npairs(int64_t K) { return (K / 32 + 1) / 2; }
@@ -244,6 +245,16 @@ static void lfq_quantize_x_scalar(const float *x, int64_t K, int8_t *q, float *f
     lfq_act_finish(f, K);
 }
 
+/* Two-limb activations ("q8x2"): x ~= d1*q1 + d2*q2 with q1 the 8-bit quantization above and
+ * q2 that of the residual r = x - d1*q1 (|r_j| <= d1/2, so the grid step drops ~254x: ~16 bits
+ * per block, as accurate as float32 activations against 4/8-bit weights). Both limbs run
+ * through the same integer kernels as two activation rows whose results are added. */
+static void lfq_residual(const float *x, int64_t K, const int8_t *q, const float *f, float *r) {
+    const float *d = lfq_act_d(f, K);
+    for (int64_t b = 0; b < K / LFQ_QK; b++)
+        for (int j = 0; j < LFQ_QK; j++) r[b * 32 + j] = x[b * 32 + j] - d[b] * (float)q[b * 32 + j];
+}
+
 /* ---------------------------------------------------------------- scalar micro-kernels
  * One weight row against NR activation rows (starting at row i0 of x); results into res[NR]. */
 
@@ -303,7 +314,8 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
 
 #define LFQ_NOTARGET
 
-/* Rows driver: weight rows [0, nrows) (row stride rb bytes) against all m activation rows.
+/* Rows driver: weight rows [0, nrows) (row stride rb bytes) against all m activation rows
+ * (m / x->limbs output rows).
  * out points at out[0][row0]; out row stride ldo. Activation rows are taken MR at a time and
  * every weight row of the tile is run against them, so the tile's weights stay in L1 while the
  * activations are swept once per tile. beta == 0: out is written, never read. */
@@ -314,7 +326,7 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
             int nr = m - i0 < MR ? m - i0 : MR;                                                \
             for (int64_t r = 0; r < nrows; r++) {                                              \
                 const uint8_t *wr = w + r * rb;                                                \
-                float res[LFQ_MRMAX];                                                          \
+                float res[LFQ_MRMAX] = {0};                                                    \
                 switch (nr) {                                                                  \
                 case 8: if (MR >= 8) { CALL(wr, K, x, i0, res, MR >= 8 ? 8 : 1); break; }     \
                 /* fall through */                                                             \
@@ -329,8 +341,11 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
                 case 2: CALL(wr, K, x, i0, res, 2); break;                                     \
                 default: CALL(wr, K, x, i0, res, 1); break;                                    \
                 }                                                                              \
-                for (int i = 0; i < nr; i++) {                                                 \
-                    float *o = out + (int64_t)(i0 + i) * ldo + r;                              \
+                if (x->limbs == 2) { /* MR and i0 are even: a row's two limbs are adjacent */ \
+                    for (int i = 0; i < nr; i += 2) res[i >> 1] = res[i] + res[i + 1];        \
+                }                                                                              \
+                for (int i = 0; i < nr / x->limbs; i++) {                                      \
+                    float *o = out + (int64_t)(i0 / x->limbs + i) * ldo + r;                   \
                     *o = beta == 0.f ? res[i] : beta * *o + res[i];                            \
                 }                                                                              \
             }                                                                                  \
@@ -780,7 +795,9 @@ LFQ_DEFINE_ROWS(lfq_rows_q4_1f_avx512, LFQ_T512, LFQ_CALL_Q4_1F_5, 8)
  *   scratch: q = m rows of round_up(K, 64) int8, f = m rows of lfq_act_floats(K) floats;
  *   lfq_quantize_kernel(level)(x + i * K, K, q + i * q_stride, f + i * f_stride) per row i,
  *       once per input (any thread; the rows are independent);
- *   lfq_act act = {q, f, x, q_stride, f_stride, K};   (xf = x is what F16/BF16 read)
+ *   lfq_act act = {q, f, x, q_stride, f_stride, K, 1};   (xf = x is what F16/BF16 read)
+ *   (two limbs: quantize x_i into rows 2i, lfq_residual into a K-float scratch, quantize that
+ *    into row 2i+1, limbs = 2 and pass m = 2 * rows of x)
  *   lfq_rows_kernel(qtype, level)(w + r0 * row_bytes, row_bytes, r1 - r0, K, &act, m,
  *                                 out + r0, ldo, beta)   for a thread's weight rows [r0, r1).
  *   (lfq_rows_kernel_ex(qtype, level, 1): float activations, no scratch, only act.xf used.)

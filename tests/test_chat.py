@@ -451,15 +451,17 @@ def test_smollm2_names_paris_and_stops_at_im_end(smollm2):
     model, tok = smollm2
     im_end = tok.tk.token_to_id("<|im_end|>")
     assert tok.chat_template and im_end is not None
-    # With the template's built-in default system prompt the first token is a near tie even in
-    # float64 ("The" 25.325 vs "L" 25.243), which 8-bit activation rounding (as llama.cpp does)
-    # flips; a plain system prompt gives a clear margin.
-    s = ChatSession(model, tok, system_prompt="You are a helpful assistant.", sampling=GREEDY,
-                    max_new_tokens=32)
-    assert im_end in s.eos_token_ids
-    reply = s.chat("What is the capital of France?")
-    assert "Paris" in reply
-    assert s.last_stats.finish_reason == "stop"
+    # The template's built-in system prompt ("You are a helpful AI assistant named SmolLM...")
+    # makes the first token a near tie even in float64 ("The" 25.325 vs "L" 25.243): the
+    # default float-accurate activations keep float64's choice (8-bit activations, as
+    # llama.cpp uses, flip it to "L'Étoile..."). With a plain system prompt too.
+    assert {m.activations for m in model.quantized_matrices()} == {"auto"}
+    for system in (None, "You are a helpful assistant."):
+        s = ChatSession(model, tok, system_prompt=system, sampling=GREEDY, max_new_tokens=32)
+        assert im_end in s.eos_token_ids
+        reply = s.chat("What is the capital of France?")
+        assert "Paris" in reply, (system, reply)
+        assert s.last_stats.finish_reason == "stop"
 
 
 def test_smollm2_two_turns_reuse_the_cache(smollm2):

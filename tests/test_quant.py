@@ -274,6 +274,7 @@ def test_matmul_is_exact_given_the_quantized_activations(qtype, level, simd):
     rng = np.random.default_rng(5)
     t = Q.quantize(random_weights(rng, 97, 224), qtype)   # 7 blocks: the odd-block tail too
     w64 = t.dequantize().astype(np.float64)
+    t.activations = "q8"
     x = rng.standard_normal((17, 224)).astype(np.float32)
     q, ds = quantize_activations_ref(x)
     xq = (q.reshape(17, 7, 32).astype(np.float64) * ds[..., :1].astype(np.float64)).reshape(17, 224)
@@ -313,13 +314,66 @@ def test_exact_activation_mode_is_float_accurate(qtype, m, level, simd, threads)
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 9, 17])   # odd/even counts against MR (4 or 8) rows
+def test_two_limb_activations_are_exact_given_both_quantizations(qtype, m, level, simd, threads):
+    """activations="q8x2": x ~= d1*q1 + d2*q2, q2 the 8-bit quantization of the float32
+    residual r = x - d1*q1. Given both quantizations the integer parts are exact; the result
+    is ~250x closer to float64 than 8-bit activations, and independent of threads/batching."""
+    simd(level)
+    rng = np.random.default_rng(40 + m)
+    t = Q.quantize(random_weights(rng, 97, 224), qtype)
+    t.activations = "q8x2"
+    assert t.activations == "q8x2" and Q.take_rows(t, [0]).activations == "q8x2"
+    w64 = t.dequantize().astype(np.float64)
+    x = (rng.standard_normal((m, 224)) * np.exp(rng.uniform(-3, 3, (m, 1)))).astype(np.float32)
+    q1, ds1 = quantize_activations_ref(x)
+    d1 = np.repeat(ds1[..., 0], 32, axis=1)
+    r = x - d1 * q1.astype(np.float32)                  # float32, as the kernel computes it
+    q2, ds2 = quantize_activations_ref(r)
+    d2 = np.repeat(ds2[..., 0], 32, axis=1)
+    xq = d1.astype(np.float64) * q1 + d2.astype(np.float64) * q2
+    out = np.full((m, 97), np.nan, np.float32)
+    t.matmul(out, x)
+    magnitude = (np.abs(d1 * q1.astype(np.float64)) + np.abs(d2 * q2.astype(np.float64))) \
+        @ (np.abs(w64) + 2 * block_offsets(t)).T
+    assert np.all(np.abs(out - xq @ w64.T) <= 1e-5 * magnitude + 1e-30)
+    # against the float64 product: the residual's grid step bounds the error
+    ref = x.astype(np.float64) @ w64.T
+    bound = (np.abs(d2) / 2) @ np.abs(w64).T + 1e-5 * magnitude + 1e-30
+    assert np.all(np.abs(out - ref) <= bound)
+    t.activations = "q8"
+    one_limb = np.empty_like(out)
+    t.matmul(one_limb, x)
+    assert np.linalg.norm(out - ref) * 50 < np.linalg.norm(one_limb - ref)
+    t.activations = "q8x2"
+    # batching and thread count do not change a bit
+    for i in range(m):
+        row = np.empty((1, 97), np.float32)
+        t.matmul(row, x[i:i + 1])
+        np.testing.assert_array_equal(row[0], out[i])
+    if _q.have_openmp():
+        threads(1)
+        again = np.empty_like(out)
+        t.matmul(again, x)
+        np.testing.assert_array_equal(again, out)
+    # beta accumulates
+    base = rng.standard_normal((m, 97)).astype(np.float32)
+    acc = base.copy()
+    t.matmul(acc, x, beta=1.0)
+    np.testing.assert_allclose(acc, base + out, rtol=1e-6, atol=1e-6 * np.abs(out).max())
+
+
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("qtype", list(GGML_TYPES))
-def test_matmul_does_not_depend_on_thread_count_or_batching(qtype, level, simd, threads):
+@pytest.mark.parametrize("mode", ["q8", "q8x2", "f32"])
+def test_matmul_does_not_depend_on_thread_count_or_batching(qtype, mode, level, simd, threads):
     if not _q.have_openmp():
         pytest.skip("built without OpenMP")
     simd(level)
     rng = np.random.default_rng(9)
     t = Q.quantize(random_weights(rng, 101, 96), qtype)
+    t.activations = mode
     x = rng.standard_normal((17, 96)).astype(np.float32)
     results = []
     for n in (1, 2):
@@ -334,6 +388,23 @@ def test_matmul_does_not_depend_on_thread_count_or_batching(qtype, level, simd, 
     for i in range(17):
         t.matmul(one, x[i:i + 1])
         np.testing.assert_array_equal(one[0], results[1][i])
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_auto_mode_is_two_limbs_for_decode_and_float_for_prefill(qtype):
+    """The default "auto": q8x2 below Q.AUTO_F32_ROWS activation rows, f32 from there on."""
+    rng = np.random.default_rng(31)
+    t = Q.quantize(random_weights(rng, 40, 192), qtype)
+    assert t.activations == Q.DEFAULT_ACTIVATIONS == "auto"
+    for m in (1, Q.AUTO_F32_ROWS - 1, Q.AUTO_F32_ROWS, 40):
+        x = rng.standard_normal((m, 192)).astype(np.float32)
+        got = np.empty((m, 40), np.float32)
+        t.matmul(got, x)
+        t.activations = "f32" if m >= Q.AUTO_F32_ROWS else "q8x2"
+        want = np.empty_like(got)
+        t.matmul(want, x)
+        t.activations = "auto"
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("qtype", list(GGML_TYPES))
