@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -786,6 +787,66 @@ LFQ_DEFINE_ROWS(lfq_rows_q4_0f_avx512, LFQ_T512, LFQ_CALL_Q4_0F_5, 8)
 LFQ_DEFINE_ROWS(lfq_rows_q4_1f_avx512, LFQ_T512, LFQ_CALL_Q4_1F_5, 8)
 
 #endif /* LFQ_X86 */
+
+/* ---------------------------------------------------------------- float activations, many rows
+ * For Q8_0/Q4_0/Q4_1 with float activations ("f32" mode) a tile of weight rows is dequantized
+ * once into float scratch (bit-identical to lfq_dequant_row) and multiplied with all m
+ * activation rows by the register-blocked float32 GEMM tiles of simd.h: the dequantization is
+ * paid once per tile instead of once per 8 activation rows. The tiles accumulate each output
+ * in one vector register over k, so a value does not depend on m or on the thread split. */
+
+static void lfq_dequant_rows_simd(int qtype, int level, const uint8_t *w, int64_t rb,
+                                  int64_t nrows, int64_t K, float *y);
+
+static void lfq_rows_deq_gemm(int qtype, int level, const uint8_t *w, int64_t rb, int64_t nrows,
+                              int64_t K, const float *x, int64_t ldx, int m, float *out,
+                              int64_t ldo, float beta, float *scratch) {
+    int lv = level >= LFQ_AVX512 ? LF_AVX512 : (level >= LFQ_AVX2 ? LF_AVX2 : LF_SCALAR);
+    if (lv > lf_simd_level()) lv = lf_simd_level();
+    lfq_dequant_rows_simd(qtype, level, w, rb, nrows, K, scratch);
+    for (int64_t j = 0; j < nrows; j += 4) {
+        int nr = nrows - j < 4 ? (int)(nrows - j) : 4;
+        lf_gemm_colblock(lv, x, (long)ldx, scratch + j * K, (long)K, (long)K, out + j, (long)ldo,
+                         m, nr, 1.0f, beta);
+    }
+}
+
+#if LFQ_X86
+#define LFQ_DEFINE_DEQ_ROWS(NAME, TARGET, DEQ, VT, NV, STORE)                                    \
+    TARGET static void NAME(const uint8_t *w, int64_t rb, int64_t nrows, int64_t K, float *y,   \
+                            const int TYPE) {                                                   \
+        const int BS = TYPE == 0 ? 34 : (TYPE == 1 ? 18 : 20);                                  \
+        for (int64_t r = 0; r < nrows; r++)                                                     \
+            for (int64_t b = 0; b < K / LFQ_QK; b++) {                                          \
+                VT wv[NV];                                                                      \
+                DEQ(w + r * rb + b * BS, wv, TYPE);                                             \
+                for (int v = 0; v < NV; v++) STORE(y + r * K + b * 32 + v * (32 / NV), wv[v]);  \
+            }                                                                                   \
+    }
+LFQ_DEFINE_DEQ_ROWS(lfq_deq_rows_avx512, LFQ_T512, lfq_deq_block_avx512, __m512, 2, _mm512_storeu_ps)
+LFQ_DEFINE_DEQ_ROWS(lfq_deq_rows_avx2, LFQ_T256, lfq_deq_block_avx2, __m256, 4, _mm256_storeu_ps)
+#endif
+
+static void lfq_dequant_rows_simd(int qtype, int level, const uint8_t *w, int64_t rb,
+                                  int64_t nrows, int64_t K, float *y) {
+#if LFQ_X86
+    if (qtype <= LFQ_Q4_1 && level >= LFQ_AVX512) {
+        if (qtype == 0) lfq_deq_rows_avx512(w, rb, nrows, K, y, 0);
+        else if (qtype == 1) lfq_deq_rows_avx512(w, rb, nrows, K, y, 1);
+        else lfq_deq_rows_avx512(w, rb, nrows, K, y, 2);
+        return;
+    }
+    if (qtype <= LFQ_Q4_1 && level >= LFQ_AVX2) {
+        if (qtype == 0) lfq_deq_rows_avx2(w, rb, nrows, K, y, 0);
+        else if (qtype == 1) lfq_deq_rows_avx2(w, rb, nrows, K, y, 1);
+        else lfq_deq_rows_avx2(w, rb, nrows, K, y, 2);
+        return;
+    }
+#else
+    (void)level;
+#endif
+    for (int64_t r = 0; r < nrows; r++) lfq_dequant_row(qtype, w + r * rb, K, y + r * K);
+}
 
 /* ---------------------------------------------------------------- dispatch
  *

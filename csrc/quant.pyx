@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from libc.stdint cimport uint8_t, int8_t, int32_t, int64_t
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 
 cdef extern from "quant.h" nogil:
     ctypedef struct lfq_act:
@@ -45,6 +45,9 @@ cdef extern from "quant.h" nogil:
     lfq_rows_fn lfq_rows_kernel_ex(int qtype, int level, int exact_act)
     lfq_quantize_fn lfq_quantize_kernel(int level)
     void lfq_residual(const float *x, int64_t K, const int8_t *q, const float *f, float *r)
+    void lfq_rows_deq_gemm(int qtype, int level, const uint8_t *w, int64_t rb, int64_t nrows,
+                           int64_t K, const float *x, int64_t ldx, int m, float *out,
+                           int64_t ldo, float beta, float *scratch)
 
 QTYPE_CODES = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "f16": 3, "bf16": 4}
 # (weights per block, bytes per block)
@@ -161,6 +164,7 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     cdef float *xf = NULL
     cdef float *xr = NULL
     cdef int tile = ROW_TILE
+    cdef int nthreads
     cdef bint quantized
     if _cols_from_row_bytes(qtype, w.shape[1]) != cols:
         raise ValueError(f"weight rows of {w.shape[1]} bytes do not hold {cols} columns")
@@ -199,6 +203,19 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
         act.q_stride = qstride
         act.f_stride = nf
     ntiles = (rows + tile - 1) // tile
+    if qtype <= 2 and exact_act:
+        # float activations: each thread dequantizes its weight tile into its own scratch
+        nthreads = max(lfq_get_num_threads(), 1)
+        xr = <float *>ws.reserve(nthreads * tile * cols * sizeof(float))
+        with nogil:
+            for t in prange(ntiles, schedule="static", num_threads=nthreads):
+                r0 = t * tile
+                nr = rows - r0
+                if nr > tile:
+                    nr = tile
+                lfq_rows_deq_gemm(qtype, level, &w[r0, 0], w.shape[1], nr, K, &x[0, 0], cols,
+                                  <int>m, &out[0, r0], rows, beta, xr + threadid() * tile * cols)
+        return
     with nogil:
         if quantized and limbs == 1:
             if m >= PAR_QUANT_ROWS:

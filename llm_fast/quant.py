@@ -6,18 +6,27 @@ view into a memory-mapped file and is never copied here. `matmul` runs the compi
 csrc/quant.{h,pyx}; F16/BF16 weights are converted on the fly and multiplied with float32
 activations.
 
-Activations of Q8_0/Q4_0/Q4_1: by default ("q8") x is quantized to 8 bits per 32-block once per
-call and multiplied with integer dot products (vpdpbusd), as llama.cpp does. With
-`t.activations = "f32"` float32 x is multiplied with the weights dequantized in registers (the
-values of t.dequantize()): no activation rounding, at 1.4-2.6x the compute time of "q8" for
-decode (m = 1) and 1.7-2.4x for prefill (AVX-512, one core). Near-tied logits can flip between
-the two (8-bit activations perturb SmolLM2's logits by ~0.1-0.9).
+Activations of Q8_0/Q4_0/Q4_1 (`t.activations`, or Model.set_activations / --activations):
+- "q8": x is quantized to 8 bits per 32-block once per call and multiplied with integer dot
+  products (vpdpbusd), as llama.cpp does. Fastest decode, but the rounding perturbs SmolLM2's
+  logits by up to ~1.3 and flips near-tied top-1 choices (97.5% agreement with float64 over
+  tests/fixtures/real_text.txt).
+- "q8x2": two 8-bit limbs, x ~= d1*q1 + d2*q2 with q2 the quantized residual: ~16-bit
+  activations through the same integer kernels (max logit error 0.007, 100% agreement);
+  decode costs ~15% more than "q8", prefill ~2x.
+- "f32": float x times the exactly dequantized weights: float32 accuracy. Each weight tile is
+  dequantized once into scratch and multiplied by register-blocked float32 GEMM tiles, which
+  for prefill (many rows) is faster than "q8"; for one row it is the slowest mode.
+- "auto" (default): "f32" from AUTO_F32_ROWS rows on (prefill), "q8x2" below (decode): float
+  accuracy at near-"q8" decode speed and better-than-"q8" prefill speed.
+Every mode gives results independent of the thread count and of how rows are batched (for
+"auto": within each regime).
 
 Scratch: the 8-bit activations go into a `Workspace` that grows on demand and is then reused.
 By default each Python thread has its own (thread-local), so concurrent calls from different
 threads are safe; pass `workspace=` to manage it yourself.
 
-Error of the quantized matmul: each activation is rounded to a grid of step d_b = amax_b / 127
+Error of the "q8" matmul: each activation is rounded to a grid of step d_b = amax_b / 127
 (amax_b the largest |x| in its 32-block), so |y - x @ W.T| <= sum_b d_b / 2 * sum_{k in b} |W_k|
 plus float32 rounding (tests/test_quant.py checks exactly that bound).
 """
