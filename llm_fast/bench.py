@@ -165,11 +165,13 @@ def n_params(config) -> int:
 class LlmFastEngine:
     name = "llm_fast"
 
-    def __init__(self, spec: ModelSpec, threads: int):
+    def __init__(self, spec: ModelSpec, threads: int, activations: Optional[str] = None):
         from .kernels import set_num_threads
         from .model import Model
         set_num_threads(threads)
         self.model = Model(spec.config, spec.weights)
+        if activations:
+            self.model.set_activations(activations)
 
     def new(self, max_len):
         return self.model.new_cache(max_len)
@@ -431,7 +433,7 @@ class _EngineWorker:
         import subprocess
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(threads))
-        if engine == "llm_fast":
+        if engine.startswith("llm_fast"):
             env["OPENBLAS_NUM_THREADS"] = "1"   # no idle BLAS threads next to our kernels
         job = {"model": spec_text, "engine": engine, "threads": threads, "bandwidth": bandwidth}
         self.name = f"{spec_text} ({engine})"
@@ -480,7 +482,9 @@ def _serve(job_text: str) -> int:
         rss0 = _rss_bytes()
         have_reset = _reset_peak_rss()
         spec = load_spec(job["model"])
-        engine = _ENGINE_CLASSES[job["engine"]](spec, job["threads"])
+        name, _, mode = job["engine"].partition(":")   # "llm_fast:q8": an activation mode
+        engine = (_ENGINE_CLASSES[name](spec, job["threads"], mode) if mode
+                  else _ENGINE_CLASSES[name](spec, job["threads"]))
         c = spec.config
         send({"params": n_params(c), "weights_bytes": spec.weights.nbytes(),
               "context": c.max_position_embeddings, "vocab": c.vocab_size})
@@ -578,20 +582,26 @@ def _fmt(v, spec):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _short(model: str) -> str:
+    """A model's name for the table: a path's last component (CSV/JSON keep the full text)."""
+    return model if model.startswith("synthetic:") else os.path.basename(model.rstrip("/")) or model
+
+
 def format_table(results: list, machine: dict) -> str:
     head = ["model", "params", "MiB", "engine", "test", "t/s", "±", "best", "GB/s", "bw GB/s",
             "%bw", "RSS MiB", "vs llm_fast"]
-    base = {(r.model, r.test, r.depth): r.median for r in results if r.engine == "llm_fast"}
+    ours = next((r.engine for r in results if r.engine.startswith("llm_fast")), "llm_fast")
+    base = {(r.model, r.test, r.depth): r.median for r in results if r.engine == ours}
     rows = []
     for r in results:
         test = r.test + (f" @ d{r.depth}" if r.depth else "")
         if r.note:
-            rows.append([r.model, f"{r.params / 1e6:.1f}M", f"{r.weights_bytes / 2**20:.1f}",
+            rows.append([_short(r.model), f"{r.params / 1e6:.1f}M", f"{r.weights_bytes / 2**20:.1f}",
                          r.engine, test, r.note, "", "", "", "", "", "", ""])
             continue
         ref = base.get((r.model, r.test, r.depth))
-        rel = "" if r.engine == "llm_fast" or not ref else f"{ref / r.median:.2f}x faster"
-        rows.append([r.model, f"{r.params / 1e6:.1f}M", f"{r.weights_bytes / 2**20:.1f}", r.engine,
+        rel = "" if r.engine == ours or not ref else f"{ref / r.median:.2f}x faster"
+        rows.append([_short(r.model), f"{r.params / 1e6:.1f}M", f"{r.weights_bytes / 2**20:.1f}", r.engine,
                      test, _fmt(r.median, ",.1f"), _fmt(r.stdev, ",.1f"), _fmt(r.best, ",.1f"),
                      _fmt(r.gbs, ".1f"),
                      _fmt(r.bw_median, ".1f"), _fmt(r.pct_bw, ".0f"),
@@ -605,7 +615,7 @@ def format_table(results: list, machine: dict) -> str:
     info = (f"{machine.get('cpu', '?')}, {machine['threads']} threads, SIMD {machine.get('simd')}"
             + (f", memory read bandwidth {machine['bandwidth_gbs']:.1f} GB/s at start"
                if "bandwidth_gbs" in machine else ""))
-    return "\n".join(out) + "\n\n" + info + ("\n'vs llm_fast': how many times faster llm_fast is "
+    return "\n".join(out) + "\n\n" + info + (f"\n'vs llm_fast': how many times faster {ours} is "
                                              "than that engine on the same test.")
 
 
@@ -641,7 +651,7 @@ def plot(path: str, results: list, machine: dict) -> None:
         raise BenchError("--plot: no measured results to plot")
     fig, axes = plt.subplots(1, len(tests), figsize=(5.2 * len(tests), 4.2), squeeze=False)
     for ax, (test, depth) in zip(axes[0], tests):
-        for eng in ENGINES:
+        for eng in dict.fromkeys(r.engine for r in results):
             pts = sorted((r.params, r.median) for r in results
                          if r.engine == eng and r.test == test and r.depth == depth and r.tps)
             if pts:
@@ -683,6 +693,9 @@ def register(subparsers) -> None:
                    help="threads for every engine (default: all cores)")
     p.add_argument("--compare", action="append", default=None,
                    help="also run peers: numpy, torch, llama-cpp, all (repeatable or comma list)")
+    p.add_argument("--activations", default=None,
+                   help="llm_fast activation modes for quantized models, comma list of auto, q8, "
+                        "q8x2, f32: one llm_fast engine per mode, side by side (default: auto)")
     p.add_argument("--no-bandwidth", action="store_true",
                    help="skip the memory bandwidth measurements")
     p.add_argument("--csv", default=None, help="write the results as CSV")
@@ -719,7 +732,14 @@ def cmd_bench(args) -> int:
         if e not in ENGINES[1:]:
             raise BenchError(f"--compare: unknown engine {e!r} (choose from numpy, torch, "
                              f"llama-cpp, all)")
-    engines = ["llm_fast"] + [e for e in ENGINES[1:] if e in peers]
+    from .quant import ACTIVATION_MODES
+    modes = _split([args.activations]) if args.activations else []
+    for m in modes:
+        if m not in ACTIVATION_MODES:
+            raise BenchError(f"--activations: unknown mode {m!r} (choose from "
+                             f"{', '.join(ACTIVATION_MODES)})")
+    ours = [f"llm_fast:{m}" if m != "auto" else "llm_fast" for m in dict.fromkeys(modes)]
+    engines = (ours or ["llm_fast"]) + [e for e in ENGINES[1:] if e in peers]
     for spec in models:
         if spec.startswith("synthetic:"):
             from .synthetic import SHAPES
