@@ -380,6 +380,33 @@ def create_app(model: Model, tokenizer: Tokenizer, model_id: str = "llm_fast",
         data = obj if isinstance(obj, str) else obj.model_dump_json()
         return f"data: {data}\n\n"
 
+    def sse_response(job, events, head: list, on_event) -> StreamingResponse:
+        """Server-sent events for one job: the `head` chunks, then on_event(ev)'s chunks for
+        each generation event up to the one that finishes, then [DONE]. A failure becomes an
+        OpenAI error chunk that ends the stream; the job is cancelled however the stream ends
+        (a client that goes away stops the generation)."""
+        async def stream():
+            try:
+                for piece in head:
+                    yield piece
+                while True:
+                    ev = await events.get()
+                    if ev is None:
+                        break
+                    if isinstance(ev, Exception):
+                        yield sse(json.dumps(_as_api_error(ev).body()))
+                        return
+                    for piece in on_event(ev):
+                        yield piece
+                    if ev.chunk.finish_reason is not None:
+                        break
+                yield sse("[DONE]")
+            finally:
+                job.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     # -- routes ----------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -461,31 +488,17 @@ def create_app(model: Model, tokenizer: Tokenizer, model_id: str = "llm_fast",
                                          logprobs=chat_logprobs(lps) if lps else None)],
                 **common))
 
-        async def stream():
-            try:
-                yield chunk(ChatDelta(role="assistant", content=""))
-                while True:
-                    ev = await events.get()
-                    if ev is None:
-                        break
-                    if isinstance(ev, Exception):
-                        yield sse(json.dumps(_as_api_error(ev).body()))
-                        return
-                    c = ev.chunk
-                    lps = [ev] if ev.logprob is not None else None
-                    if c.text or lps:
-                        yield chunk(ChatDelta(content=c.text), lps=lps)
-                    if c.finish_reason is not None:
-                        yield chunk(ChatDelta(), finish=c.finish_reason)
-                        if include_usage:
-                            yield sse(ChatCompletionChunk(choices=[], usage=usage(ev), **common))
-                        break
-                yield sse("[DONE]")
-            finally:
-                job.cancel()
+        def on_event(ev):
+            c = ev.chunk
+            lps = [ev] if ev.logprob is not None else None
+            if c.text or lps:
+                yield chunk(ChatDelta(content=c.text), lps=lps)
+            if c.finish_reason is not None:
+                yield chunk(ChatDelta(), finish=c.finish_reason)
+                if include_usage:
+                    yield sse(ChatCompletionChunk(choices=[], usage=usage(ev), **common))
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(job, events, [chunk(ChatDelta(role="assistant", content=""))], on_event)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -528,35 +541,22 @@ def create_app(model: Model, tokenizer: Tokenizer, model_id: str = "llm_fast",
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def stream():
-            offset = len(echo)
-            try:
-                if echo:
-                    yield sse(Completion(choices=[CompletionChoice(text=echo)], **common))
-                while True:
-                    ev = await events.get()
-                    if ev is None:
-                        break
-                    if isinstance(ev, Exception):
-                        yield sse(json.dumps(_as_api_error(ev).body()))
-                        return
-                    c = ev.chunk
-                    lp = completion_logprobs([ev], offset) if (want_lp and ev.logprob) else None
-                    if c.text or lp or c.finish_reason:
-                        yield sse(Completion(choices=[CompletionChoice(
-                            text=c.text, logprobs=lp, finish_reason=c.finish_reason)], **common))
-                    if lp:
-                        offset += sum(len(t) for t in lp.tokens)
-                    if c.finish_reason is not None:
-                        if include_usage:
-                            yield sse(Completion(choices=[], usage=usage(ev), **common))
-                        break
-                yield sse("[DONE]")
-            finally:
-                job.cancel()
+        offset = len(echo)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        def on_event(ev):
+            nonlocal offset
+            c = ev.chunk
+            lp = completion_logprobs([ev], offset) if (want_lp and ev.logprob) else None
+            if c.text or lp or c.finish_reason:
+                yield sse(Completion(choices=[CompletionChoice(
+                    text=c.text, logprobs=lp, finish_reason=c.finish_reason)], **common))
+            if lp:
+                offset += sum(len(t) for t in lp.tokens)
+            if c.finish_reason is not None and include_usage:
+                yield sse(Completion(choices=[], usage=usage(ev), **common))
+
+        head = [sse(Completion(choices=[CompletionChoice(text=echo)], **common))] if echo else []
+        return sse_response(job, events, head, on_event)
 
     return app
 
