@@ -20,8 +20,14 @@ cdef extern from "<time.h>" nogil:
 
 # DecodePlan.step: seconds between tries of the thread count not in use
 cdef double GAP_MIN = 0.002
-cdef double GAP_MAX = 0.1
+cdef double GAP_MAX = 1.0
 cdef int TRIAL = 3
+# ... and never sooner than TRIAL_SPACING mean steps after the last trial: a trial of one thread
+# costs up to (threads - 1) x a step where the memory bus needs all cores (a large model), so
+# trials stay below ~3% of the steps.
+cdef double TRIAL_SPACING = 100.0
+# The first steps fault in pages and wake threads: they run on all threads and are not timed.
+cdef int WARM_STEPS = 3
 # Leave all threads for one only when one is SWITCH_BAR times faster: the usual case is a
 # stalled step of milliseconds, while timing noise on a quiet machine is tens of percent.
 cdef double SWITCH_BAR = 2.0
@@ -108,7 +114,8 @@ cdef class DecodePlan:
     # the mode in use, when the other mode was last tried, the wait before trying it again (s)
     cdef double mean[2]
     cdef double tried, gap, trial_best
-    cdef int mode, trial_left
+    cdef readonly int mode
+    cdef int trial_left, warm_left
     cdef readonly long single_steps
     cdef public bint adaptive     # False: always `nthreads` threads (tests of the thread count)
 
@@ -180,6 +187,7 @@ cdef class DecodePlan:
         self.mean[0] = self.mean[1] = 0.0
         self.mode, self.tried, self.gap = 1, 0.0, GAP_MIN
         self.trial_left, self.trial_best = 0, 1e30
+        self.warm_left = WARM_STEPS
         self.single_steps = 0
         self.adaptive = True
 
@@ -216,7 +224,8 @@ cdef class DecodePlan:
         Each step therefore runs on `nthreads` threads, or on one while that is clearly faster
         (SWITCH_BAR x the running mean step time); the other choice is tried again (TRIAL
         steps, the first ones pay for waking idle threads: the fastest counts) after GAP_MIN
-        seconds, the wait doubling (up to GAP_MAX) each time it loses. The logits never
+        seconds (and at least TRIAL_SPACING mean steps), the wait doubling (up to GAP_MAX) each
+        time it loses. The logits never
         depend on it."""
         cdef float *out = NULL
         cdef double t0, dt
@@ -228,9 +237,10 @@ cdef class DecodePlan:
                 raise ValueError(f"logits must have {self.plan.vocab} entries")
             out = &logits[0]
         m = self.mode
-        if not self.adaptive:
+        if not self.adaptive or self.warm_left > 0:
             m = 1
-        elif nthreads > 1 and self.trial_left == 0 and _now() - self.tried >= self.gap:
+        elif (nthreads > 1 and self.trial_left == 0 and self.mean[self.mode] > 0.0
+              and _now() - self.tried >= max(self.gap, TRIAL_SPACING * self.mean[self.mode])):
             self.trial_left, self.trial_best = TRIAL, 1e30   # try the other choice
         if self.adaptive and self.trial_left > 0:
             m = 1 - self.mode
@@ -240,6 +250,9 @@ cdef class DecodePlan:
             lf_decode_step(&self.plan, token, pos, out, nt)
             dt = _now() - t0
         if nthreads <= 1 or not self.adaptive:
+            return
+        if self.warm_left > 0:
+            self.warm_left -= 1
             return
         if m == 0:
             self.single_steps += 1
