@@ -18,8 +18,9 @@ of each loaded model (above the process's RSS before loading) is reported too.
 
 Peers, side by side in the same run: `--compare numpy` (llm_fast.reference, float32 NumPy),
 `--compare torch` (transformers LlamaForCausalLM on the same weights, when torch and
-transformers are importable), `--compare llama-cpp` (llama-cpp-python on a GGUF model, when
-installed). Models are paths (Hugging Face folder or .gguf) or `synthetic:NAME` (see
+transformers are importable), `--compare llama-cpp` (llama-cpp-python, when installed, on the
+same GGUF file, or for other models on an F32 GGUF export of the same weights made by
+llm_fast.gguf_export). Models are paths (Hugging Face folder or .gguf) or `synthetic:NAME` (see
 llm_fast.synthetic: seeded random weights at real shapes, built in memory).
 """
 from __future__ import annotations
@@ -265,11 +266,27 @@ class LlamaCppEngine:
         except ImportError:
             raise BenchError("--compare llama-cpp needs llama-cpp-python (pip install "
                              "llama-cpp-python)") from None
-        if spec.gguf_path is None:
-            raise BenchError(f"--compare llama-cpp needs a .gguf model, {spec.name} is not one")
-        self.llm = llama_cpp.Llama(model_path=spec.gguf_path, n_ctx=spec.config.max_position_embeddings,
-                                   n_threads=threads, n_threads_batch=threads, n_batch=512,
-                                   logits_all=False, verbose=False)
+        path, tmp = spec.gguf_path, None
+        if path is None:
+            # not a GGUF model: export the same weights (F32) to a temporary GGUF file, which
+            # llama.cpp memory-maps; the file is unlinked once loaded, and our copy of the
+            # weights is dropped so the RSS is llama.cpp's alone
+            import tempfile
+            from .gguf_export import write_gguf
+            fd, tmp = tempfile.mkstemp(suffix=".gguf", prefix="llm_fast_bench_")
+            os.close(fd)
+            write_gguf(tmp, spec.config, spec.weights, name=spec.name)
+            spec.weights = None
+            gc.collect()
+            _reset_peak_rss()
+            path = tmp
+        try:
+            self.llm = llama_cpp.Llama(model_path=path, n_ctx=spec.config.max_position_embeddings,
+                                       n_threads=threads, n_threads_batch=threads, n_batch=512,
+                                       logits_all=False, verbose=False)
+        finally:
+            if tmp is not None:
+                os.unlink(tmp)
 
     def new(self, max_len):
         self.llm.reset()
@@ -482,11 +499,12 @@ def _serve(job_text: str) -> int:
         rss0 = _rss_bytes()
         have_reset = _reset_peak_rss()
         spec = load_spec(job["model"])
+        weights_bytes = spec.weights.nbytes()
         name, _, mode = job["engine"].partition(":")   # "llm_fast:q8": an activation mode
         engine = (_ENGINE_CLASSES[name](spec, job["threads"], mode) if mode
                   else _ENGINE_CLASSES[name](spec, job["threads"]))
         c = spec.config
-        send({"params": n_params(c), "weights_bytes": spec.weights.nbytes(),
+        send({"params": n_params(c), "weights_bytes": weights_bytes,
               "context": c.max_position_embeddings, "vocab": c.vocab_size})
     except (ValueError, OSError, ImportError) as e:
         send({"error": str(e)})

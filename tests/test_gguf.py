@@ -497,3 +497,36 @@ def test_corrupted_bytes_never_escape_as_other_errors(tmp_path):
             assert os.path.basename(p) in str(e)
             outcomes["error"] += 1
     assert outcomes["error"] > 0
+
+
+# ------------------------------------------------------------------ export (llm_fast.gguf_export)
+
+FIXTURE_MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(FIXTURE_MODELS)) if os.path.isdir(FIXTURE_MODELS) else [])
+@pytest.mark.parametrize("quantize", [None, "q8_0", "q4_1"])
+def test_export_round_trip_gives_identical_logits(tmp_path, name, quantize):
+    """write_gguf then load_gguf: the same weights (Q/K permuted for llama.cpp and back, blocks
+    byte for byte), so bit-identical logits; tied and untied heads, GQA/MQA/MHA, F16/BF16."""
+    from llm_fast.gguf_export import write_gguf
+    from llm_fast.loader import load_model
+    src = load_model(os.path.join(FIXTURE_MODELS, name), quantize=quantize)
+    path = write_gguf(str(tmp_path / "m.gguf"), src.config, src.weights)
+    back = load_model(path)
+    assert back.config.tie_word_embeddings == src.config.tie_word_embeddings
+    ids = [i % src.config.vocab_size for i in (1, 5, 17, 42, 99, 3, 7)]
+    np.testing.assert_array_equal(back.forward(ids, back.new_cache(), logits="all"),
+                                  src.forward(ids, src.new_cache(), logits="all"))
+    g = load_gguf(path, with_tokenizer=False)
+    assert g.config["vocab_size"] == src.config.vocab_size
+
+
+def test_export_rejects_what_it_cannot_write(tmp_path):
+    from llm_fast.gguf_export import write_gguf
+    from llm_fast.loader import load_model
+    src = load_model(os.path.join(FIXTURE_MODELS, "llama_tied_gqa2"))
+    with pytest.raises(ValueError, match="qtype"):
+        write_gguf(str(tmp_path / "m.gguf"), src.config, src.weights, qtype="q4_0")
+    with pytest.raises(ValueError, match="tokens"):
+        write_gguf(str(tmp_path / "m.gguf"), src.config, src.weights, tokens=["a", "b"])
