@@ -24,14 +24,37 @@
 
 #include "simd.h"
 #include "omp_shim.h"
+#include "quant.h"
+
+/* A weight matrix: float32 rows (qtype < 0) or ggml rows of a quantized type (quant.h), with
+ * the activation mode of QTensor ("q8" 0, two limbs "q8x2" 1, float "f32" 2). */
+typedef struct {
+    const void *w;
+    int qtype;
+    int mode;
+    long row_bytes;
+} lf_mat;
+
+/* One thread's quantized copy of the input vector of the current phase (see lf_mv). */
+typedef struct {
+    int8_t *q;        /* 2 limbs x qstride int8 */
+    float *f;         /* 2 limbs x nf floats */
+    float *r;         /* residual (K floats) */
+    float *deq;       /* dequantized weight rows for "f32" mode (LF_DEQ_ROWS x K floats) */
+    long qstride, nf;
+    const float *src; /* the vector quantized now (NULL: none) */
+    int limbs;
+} lf_xq;
+
+#define LF_DEQ_ROWS 8
 
 typedef struct {
     const float *input_layernorm;          /* (hidden,) */
-    const float *qkv_proj;                 /* (q_dim + 2 kv_dim, hidden) */
-    const float *o_proj;                   /* (hidden, q_dim) */
+    lf_mat qkv_proj;                       /* (q_dim + 2 kv_dim, hidden) */
+    lf_mat o_proj;                         /* (hidden, q_dim) */
     const float *post_attention_layernorm; /* (hidden,) */
-    const float *gate_up_proj;             /* (2 inter, hidden) */
-    const float *down_proj;                /* (hidden, inter) */
+    lf_mat gate_up_proj;                   /* (2 inter, hidden) */
+    lf_mat down_proj;                      /* (hidden, inter) */
     float *k_cache, *v_cache;              /* (max_len, kv_dim) of the cache in use */
 } lf_layer;
 
@@ -44,9 +67,9 @@ typedef struct {
 typedef struct {
     long hidden, inter, n_layers, n_heads, n_kv_heads, head_dim, vocab;
     float eps;
-    const float *embed;    /* (vocab, hidden) */
+    lf_mat embed;          /* (vocab, hidden) */
     const float *norm;     /* (hidden,) */
-    const float *lm_head;  /* (vocab, hidden) */
+    lf_mat lm_head;        /* (vocab, hidden) */
     const float *cos, *sin; /* (positions, head_dim / 2) */
     lf_layer *layers;
     /* scratch */
@@ -57,6 +80,7 @@ typedef struct {
     float *act;     /* (inter,) */
     float *scores;  /* (threads, score_stride) */
     long score_stride;
+    lf_xq *xq;      /* (threads,): quantized activations, when a matrix is block-quantized */
     int max_threads;
     /* (n_phases, max_threads + 1) counters: claimed chunks of each share, then chunks done */
     lf_counter *counters;
@@ -74,6 +98,59 @@ static inline void lf_matvec_rows(int level, const float *W, long k, const float
         int nr = r1 - j < 4 ? (int)(r1 - j) : 4;
         lf_gemm_colblock(level, x, k, W + j * k, k, k, y + j, 4, 1, nr, 1.0f, beta);
     }
+}
+
+/* y[r] = beta * y[r] + dot(W row (row0 + r), x) for r in [r0, r1), any matrix type. For the
+ * block-quantized types the thread quantizes x once per phase (xq->src caches which vector it
+ * holds; the phase loops reset it), exactly as quant.pyx's matmul does for one row, and runs
+ * the same row kernels: the outputs are bit-identical to the Python layer loop's. */
+static inline void lf_mv(int level, const lf_mat *M, long k, const float *x, lf_xq *xq,
+                         float *y, long row0, long r0, long r1, float beta) {
+    if (r1 <= r0) return;
+    if (M->qtype < 0) {
+        const float *W = (const float *)M->w;
+        lf_matvec_rows(level, W + row0 * k, k, x, y, r0, r1, beta);
+        return;
+    }
+    const int ql = lfq_get_level();
+    const uint8_t *w = (const uint8_t *)M->w + (row0 + r0) * M->row_bytes;
+    if (M->qtype <= LFQ_Q4_1 && M->mode == 2) {
+        /* float activations: the tile walk of quant.pyx (its output values do not depend on it) */
+        for (long t = r0; t < r1; t += LF_DEQ_ROWS) {
+            long nr = r1 - t < LF_DEQ_ROWS ? r1 - t : LF_DEQ_ROWS;
+            lfq_rows_deq_gemm(M->qtype, ql, w + (t - r0) * M->row_bytes, M->row_bytes, nr, k, x, k,
+                              1, y + t, 0, beta, xq->deq);
+        }
+        return;
+    }
+    lfq_act act;
+    act.xf = x;
+    act.xf_stride = k;
+    act.q = NULL;
+    act.f = NULL;
+    act.q_stride = 0;
+    act.f_stride = 0;
+    act.limbs = 1;
+    if (M->qtype <= LFQ_Q4_1) {
+        const int limbs = M->mode == 1 ? 2 : 1;
+        if (xq->src != x || xq->limbs < limbs) {
+            lfq_quantize_fn qfn = lfq_quantize_kernel(ql);
+            qfn(x, k, xq->q, xq->f);
+            if (limbs == 2) {
+                lfq_residual(x, k, xq->q, xq->f, xq->r);
+                qfn(xq->r, k, xq->q + xq->qstride, xq->f + xq->nf);
+            }
+            xq->src = x;
+            xq->limbs = limbs;
+        }
+        act.q = xq->q;
+        act.f = xq->f;
+        act.q_stride = xq->qstride;
+        act.f_stride = xq->nf;
+        act.limbs = limbs;
+    }
+    lfq_rows_kernel_ex(M->qtype, ql, 0)(w, M->row_bytes, r1 - r0, k, &act, act.limbs, y + r0, 0,
+                                        beta);
 }
 
 /* The next unclaimed chunk of a phase of n chunks split into `parts` static shares, this
@@ -135,7 +212,10 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
     const long n_v = (p->vocab + rows_v - 1) / rows_v;
 
     memset(p->counters, 0, (size_t)(p->n_phases * stride) * sizeof(lf_counter));
-    memcpy(p->x, p->embed + token * D, (size_t)D * sizeof(float));
+    if (p->embed.qtype < 0)
+        memcpy(p->x, (const float *)p->embed.w + token * D, (size_t)D * sizeof(float));
+    else
+        lfq_dequant_row(p->embed.qtype, (const uint8_t *)p->embed.w + token * p->embed.row_bytes, D, p->x);
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
@@ -143,6 +223,7 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
     {
         const int me = omp_get_thread_num();
         float *h = p->h + (long)me * D;
+        lf_xq *xq = p->xq + me;
         float *scores = p->scores + (long)me * p->score_stride;
         lf_counter *ph = p->counters;
         long ch;
@@ -153,16 +234,16 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
             normed = 0;
             if (by_group) {
                 /* chunk g: q heads of group g, its k and v rows, RoPE, cache append, attention */
+                xq->src = NULL;   /* a new phase: a new input vector */
                 while ((ch = lf_claim(ph, nkv, parts, me)) >= 0) {
                     if (!normed) { lf_rms_norm_row(level, h, p->x, w->input_layernorm, D, p->eps); normed = 1; }
                     long g = ch;
                     float *qg = p->qkv + g * group * hd;
                     float *krow = kc + pos * kvd + g * hd, *vrow = vc + pos * kvd + g * hd;
-                    lf_matvec_rows(level, w->qkv_proj, D, h, p->qkv, g * group * hd,
-                                   (g + 1) * group * hd, 0.0f);
-                    lf_matvec_rows(level, w->qkv_proj + (qd + g * hd) * D, D, h, krow, 0, hd, 0.0f);
-                    lf_matvec_rows(level, w->qkv_proj + (qd + kvd + g * hd) * D, D, h, vrow, 0,
-                                   hd, 0.0f);
+                    lf_mv(level, &w->qkv_proj, D, h, xq, p->qkv, 0, g * group * hd,
+                          (g + 1) * group * hd, 0.0f);
+                    lf_mv(level, &w->qkv_proj, D, h, xq, krow, qd + g * hd, 0, hd, 0.0f);
+                    lf_mv(level, &w->qkv_proj, D, h, xq, vrow, qd + kvd + g * hd, 0, hd, 0.0f);
                     for (long i = 0; i < group; i++) lf_rope_head(qg + i * hd, cs, sn, hd);
                     lf_rope_head(krow, cs, sn, hd);
                     lf_attend_group(level, qg, group, kc + g * hd, vc + g * hd, kvd, total, hd,
@@ -174,10 +255,11 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
             } else {
                 /* chunk i: head block i of [q heads | k heads | v heads], RoPE, cache append */
                 const long nblk = nh + 2 * nkv;
+                xq->src = NULL;   /* a new phase: a new input vector */
                 while ((ch = lf_claim(ph, nblk, parts, me)) >= 0) {
                     if (!normed) { lf_rms_norm_row(level, h, p->x, w->input_layernorm, D, p->eps); normed = 1; }
                     float *out = p->qkv + ch * hd;
-                    lf_matvec_rows(level, w->qkv_proj, D, h, p->qkv, ch * hd, (ch + 1) * hd, 0.0f);
+                    lf_mv(level, &w->qkv_proj, D, h, xq, p->qkv, 0, ch * hd, (ch + 1) * hd, 0.0f);
                     if (ch < nh) {
                         lf_rope_head(out, cs, sn, hd);
                     } else if (ch < nh + nkv) {
@@ -192,6 +274,7 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
                 lf_phase_wait(&ph[stride - 1], nblk);
                 ph += stride;
                 /* chunk hh: attention of query head hh */
+                xq->src = NULL;   /* a new phase: a new input vector */
                 while ((ch = lf_claim(ph, nh, parts, me)) >= 0) {
                     lf_attend_group(level, p->qkv + ch * hd, 1, kc + (ch / group) * hd,
                                     vc + (ch / group) * hd, kvd, total, hd, scale, scores,
@@ -202,9 +285,10 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
                 ph += stride;
             }
             /* x += o_proj att */
+            xq->src = NULL;   /* a new phase: a new input vector */
             while ((ch = lf_claim(ph, n_o, parts, me)) >= 0) {
                 long r0 = ch * rows_o, r1 = r0 + rows_o < D ? r0 + rows_o : D;
-                lf_matvec_rows(level, w->o_proj, qd, p->att, p->x, r0, r1, 1.0f);
+                lf_mv(level, &w->o_proj, qd, p->att, xq, p->x, 0, r0, r1, 1.0f);
                 lf_chunk_done(&ph[stride - 1]);
             }
             lf_phase_wait(&ph[stride - 1], n_o);
@@ -212,20 +296,22 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
             /* act[j] = silu(gate_j . h) * (up_j . h), h = rms_norm(x); gate and up rows j in
              * the same chunk (up values go to this thread's scratch, >= inter floats) */
             normed = 0;
+            xq->src = NULL;   /* a new phase: a new input vector */
             while ((ch = lf_claim(ph, n_gu, parts, me)) >= 0) {
                 if (!normed) { lf_rms_norm_row(level, h, p->x, w->post_attention_layernorm, D, p->eps); normed = 1; }
                 long r0 = ch * rows_gu, r1 = r0 + rows_gu < inter ? r0 + rows_gu : inter;
-                lf_matvec_rows(level, w->gate_up_proj, D, h, p->act, r0, r1, 0.0f);
-                lf_matvec_rows(level, w->gate_up_proj + inter * D, D, h, scores, r0, r1, 0.0f);
+                lf_mv(level, &w->gate_up_proj, D, h, xq, p->act, 0, r0, r1, 0.0f);
+                lf_mv(level, &w->gate_up_proj, D, h, xq, scores, inter, r0, r1, 0.0f);
                 lf_swiglu_row(level, p->act + r0, p->act + r0, scores + r0, r1 - r0);
                 lf_chunk_done(&ph[stride - 1]);
             }
             lf_phase_wait(&ph[stride - 1], n_gu);
             ph += stride;
             /* x += down_proj act */
+            xq->src = NULL;   /* a new phase: a new input vector */
             while ((ch = lf_claim(ph, n_o, parts, me)) >= 0) {
                 long r0 = ch * rows_o, r1 = r0 + rows_o < D ? r0 + rows_o : D;
-                lf_matvec_rows(level, w->down_proj, inter, p->act, p->x, r0, r1, 1.0f);
+                lf_mv(level, &w->down_proj, inter, p->act, xq, p->x, 0, r0, r1, 1.0f);
                 lf_chunk_done(&ph[stride - 1]);
             }
             lf_phase_wait(&ph[stride - 1], n_o);
@@ -234,10 +320,11 @@ static void lf_decode_step(const lf_decode_plan *p, long token, long pos, float 
         if (logits != NULL) {
             /* logits = lm_head rms_norm(x) */
             normed = 0;
+            xq->src = NULL;   /* a new phase: a new input vector */
             while ((ch = lf_claim(ph, n_v, parts, me)) >= 0) {
                 if (!normed) { lf_rms_norm_row(level, h, p->x, p->norm, D, p->eps); normed = 1; }
                 long r0 = ch * rows_v, r1 = r0 + rows_v < p->vocab ? r0 + rows_v : p->vocab;
-                lf_matvec_rows(level, p->lm_head, D, h, logits, r0, r1, 0.0f);
+                lf_mv(level, &p->lm_head, D, h, xq, logits, 0, r0, r1, 0.0f);
                 lf_chunk_done(&ph[stride - 1]);
             }
         }

@@ -1,8 +1,9 @@
 """The fused decode step (csrc/decode.h): one token through all layers in one nogil call.
 
 A DecodePlan captures the weight pointers and owns the scratch once, when the model is built;
-`step` then costs one Python call per token. Only float32 weights are supported (the model falls
-back to its Python layer loop otherwise).
+`step` then costs one Python call per token. Matrices may be float32 ndarrays or quantized
+matrices (llm_fast.quant.QTensor, duck-typed: .qtype, .shape, .data uint8 rows, .activations);
+`refresh_activations` re-reads the latter's activation modes.
 """
 from libc.stdlib cimport malloc, free
 cimport numpy as cnp
@@ -43,13 +44,26 @@ cdef inline double _now() noexcept nogil:
     return t.tv_sec + 1e-9 * t.tv_nsec
 
 cdef extern from "decode.h" nogil:
+    ctypedef struct lf_mat:
+        const void *w
+        int qtype
+        int mode
+        long row_bytes
+    ctypedef struct lf_xq:
+        signed char *q
+        float *f
+        float *r
+        float *deq
+        long qstride, nf
+        const float *src
+        int limbs
     ctypedef struct lf_layer:
         const float *input_layernorm
-        const float *qkv_proj
-        const float *o_proj
+        lf_mat qkv_proj
+        lf_mat o_proj
         const float *post_attention_layernorm
-        const float *gate_up_proj
-        const float *down_proj
+        lf_mat gate_up_proj
+        lf_mat down_proj
         float *k_cache
         float *v_cache
     ctypedef struct lf_counter:
@@ -57,9 +71,9 @@ cdef extern from "decode.h" nogil:
     ctypedef struct lf_decode_plan:
         long hidden, inter, n_layers, n_heads, n_kv_heads, head_dim, vocab
         float eps
-        const float *embed
+        lf_mat embed
         const float *norm
-        const float *lm_head
+        lf_mat lm_head
         const float *cos
         const float *sin
         lf_layer *layers
@@ -70,10 +84,13 @@ cdef extern from "decode.h" nogil:
         float *act
         float *scores
         long score_stride
+        lf_xq *xq
         int max_threads
         lf_counter *counters
         long n_phases
     long lf_decode_phases(long n_layers)
+    long lfq_act_floats(long K)
+    int LF_DEQ_ROWS
     void lf_decode_step(const lf_decode_plan *p, long token, long pos, float *logits,
                         int nthreads)
 
@@ -95,6 +112,41 @@ cdef const float *_ptr(object a, tuple shape, str name) except NULL:
                          f"{a.dtype} {tuple(a.shape)}")
     arr = <cnp.ndarray>a
     return <const float *>cnp.PyArray_DATA(arr)
+
+
+# quant.h's type codes and QTensor's activation modes (decode runs one row: "auto" is q8x2)
+_QTYPE = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "f16": 3, "bf16": 4}
+_ACT_MODE = {"q8": 0, "q8x2": 1, "auto": 1, "f32": 2}
+
+
+cdef int _fill_mat(lf_mat *m, object a, tuple shape, str name) except -1:
+    """Point m at a float32 ndarray or a quantized matrix of the given (rows, cols) shape."""
+    cdef cnp.ndarray arr
+    if isinstance(a, np.ndarray):
+        m.w = _ptr(a, shape, name)
+        m.qtype = -1
+        m.mode = 0
+        m.row_bytes = shape[1] * 4
+        return 0
+    qtype, data = getattr(a, "qtype", None), getattr(a, "data", None)
+    if qtype not in _QTYPE or not isinstance(data, np.ndarray):
+        raise TypeError(f"{name}: expected a float32 ndarray or a quantized matrix, got "
+                        f"{type(a).__name__}")
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
+    if data.dtype != np.uint8 or data.ndim != 2 or not data.flags.c_contiguous or data.shape[0] != shape[0]:
+        raise ValueError(f"{name}: quantized data must be C-contiguous uint8 rows")
+    arr = <cnp.ndarray>data
+    m.w = cnp.PyArray_DATA(arr)
+    m.qtype = _QTYPE[qtype]
+    m.mode = _ACT_MODE[a.activations]
+    m.row_bytes = data.shape[1]
+    return 0
+
+
+cdef inline void _refresh(lf_mat *m, object a):
+    if m.qtype >= 0:
+        m.mode = _ACT_MODE[a.activations]
 
 
 cdef class DecodePlan:
@@ -121,9 +173,11 @@ cdef class DecodePlan:
 
     def __cinit__(self):
         self.plan.layers = NULL
+        self.plan.xq = NULL
 
     def __dealloc__(self):
         free(self.plan.layers)
+        free(self.plan.xq)
 
     def __init__(self, config, weights, cos, sin, long max_len, int max_threads):
         c = config
@@ -136,8 +190,8 @@ cdef class DecodePlan:
         p.hidden, p.inter, p.n_layers = D, I, L
         p.n_heads, p.n_kv_heads, p.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         p.vocab, p.eps = c.vocab_size, c.rms_norm_eps
-        p.embed = _ptr(weights.embed_tokens, (c.vocab_size, D), "embed_tokens")
-        p.lm_head = _ptr(weights.lm_head, (c.vocab_size, D), "lm_head")
+        _fill_mat(&p.embed, weights.embed_tokens, (c.vocab_size, D), "embed_tokens")
+        _fill_mat(&p.lm_head, weights.lm_head, (c.vocab_size, D), "lm_head")
         p.norm = _ptr(weights.norm, (D,), "norm")
         p.cos = _ptr(cos, (cos.shape[0], c.head_dim // 2), "cos")
         p.sin = _ptr(sin, (cos.shape[0], c.head_dim // 2), "sin")
@@ -150,12 +204,12 @@ cdef class DecodePlan:
         for l in range(L):
             w = weights.layers[l]
             p.layers[l].input_layernorm = _ptr(w.input_layernorm, (D,), f"layer {l} input_layernorm")
-            p.layers[l].qkv_proj = _ptr(w.qkv_proj, (qd + 2 * kvd, D), f"layer {l} qkv_proj")
-            p.layers[l].o_proj = _ptr(w.o_proj, (D, qd), f"layer {l} o_proj")
+            _fill_mat(&p.layers[l].qkv_proj, w.qkv_proj, (qd + 2 * kvd, D), f"layer {l} qkv_proj")
+            _fill_mat(&p.layers[l].o_proj, w.o_proj, (D, qd), f"layer {l} o_proj")
             p.layers[l].post_attention_layernorm = _ptr(w.post_attention_layernorm, (D,),
                                                         f"layer {l} post_attention_layernorm")
-            p.layers[l].gate_up_proj = _ptr(w.gate_up_proj, (2 * I, D), f"layer {l} gate_up_proj")
-            p.layers[l].down_proj = _ptr(w.down_proj, (D, I), f"layer {l} down_proj")
+            _fill_mat(&p.layers[l].gate_up_proj, w.gate_up_proj, (2 * I, D), f"layer {l} gate_up_proj")
+            _fill_mat(&p.layers[l].down_proj, w.down_proj, (D, I), f"layer {l} down_proj")
             p.layers[l].k_cache = NULL
             p.layers[l].v_cache = NULL
             keep += [w.input_layernorm, w.qkv_proj, w.o_proj, w.post_attention_layernorm,
@@ -171,7 +225,31 @@ cdef class DecodePlan:
         scores = _aligned_zeros((max_threads, stride))
         n_phases = lf_decode_phases(L)
         counters = _aligned_zeros((n_phases * (max_threads + 1) * 16,))  # 64-byte counters
-        self.scratch = (x, h, qkv, att, act, scores, counters)
+        # per-thread quantized activations (two limbs) and dequantized rows ("f32" mode)
+        cdef long kmax = max(D, qd, I), qstride = (kmax + 63) // 64 * 64, nf = lfq_act_floats(kmax)
+        cdef long t
+        xq_q = np.zeros((max_threads, 2 * qstride + 64), np.int8)
+        xq_f = _aligned_zeros((max_threads, 2 * nf))
+        xq_r = _aligned_zeros((max_threads, kmax))
+        xq_deq = _aligned_zeros((max_threads, LF_DEQ_ROWS * kmax))
+        p.xq = <lf_xq *>malloc(max_threads * sizeof(lf_xq))
+        if p.xq == NULL:
+            raise MemoryError()
+        cdef long qrow = 2 * qstride + 64, frow = 2 * nf
+        cdef signed char *qbase = <signed char *>cnp.PyArray_DATA(<cnp.ndarray>xq_q)
+        cdef float *fbase = <float *>cnp.PyArray_DATA(<cnp.ndarray>xq_f)
+        cdef float *rbase = <float *>cnp.PyArray_DATA(<cnp.ndarray>xq_r)
+        cdef float *dbase = <float *>cnp.PyArray_DATA(<cnp.ndarray>xq_deq)
+        for t in range(max_threads):
+            p.xq[t].q = qbase + t * qrow
+            p.xq[t].f = fbase + t * frow
+            p.xq[t].r = rbase + t * kmax
+            p.xq[t].deq = dbase + t * LF_DEQ_ROWS * kmax
+            p.xq[t].qstride = qstride
+            p.xq[t].nf = nf
+            p.xq[t].src = NULL
+            p.xq[t].limbs = 0
+        self.scratch = (x, h, qkv, att, act, scores, counters, xq_q, xq_f, xq_r, xq_deq)
         p.counters = <lf_counter *>cnp.PyArray_DATA(counters)
         p.n_phases = n_phases
         p.x = <float *>cnp.PyArray_DATA(x)
@@ -213,6 +291,20 @@ cdef class DecodePlan:
             if ks[l] is not (<tuple>self.bound_k)[l] or vs[l] is not (<tuple>self.bound_v)[l]:
                 return False
         return True
+
+    def refresh_activations(self, weights):
+        """Re-read the activation modes of the quantized matrices (after QTensor.activations
+        changed); the weights must be the ones the plan was built on."""
+        cdef lf_decode_plan *p = &self.plan
+        cdef long l
+        _refresh(&p.embed, weights.embed_tokens)
+        _refresh(&p.lm_head, weights.lm_head)
+        for l in range(p.n_layers):
+            w = weights.layers[l]
+            _refresh(&p.layers[l].qkv_proj, w.qkv_proj)
+            _refresh(&p.layers[l].o_proj, w.o_proj)
+            _refresh(&p.layers[l].gate_up_proj, w.gate_up_proj)
+            _refresh(&p.layers[l].down_proj, w.down_proj)
 
     def step(self, long token, list k_cache, list v_cache, long pos, float[::1] logits,
              int nthreads):

@@ -46,9 +46,10 @@ class Model:
         self._scores = np.zeros((max(get_num_threads(), 1), 0), np.float32)
         self._lock = threading.Lock()
         self._plan = None
-        if _all_float32(weights):
+        if _fusable(weights):
             self._plan = DecodePlan(c, weights, self.cos, self.sin, c.max_position_embeddings,
                                     max(get_num_threads(), os.cpu_count() or 1))
+            self._plan_modes = _activation_epoch()
         self.use_fused_decode = self._plan is not None
 
     # ----------------------------------------------------------------------------------------
@@ -133,6 +134,10 @@ class Model:
             raise ValueError(f"forward: 1 tokens do not fit the cache ({cache.length} of "
                              f"{cache.max_len} positions used)")
         with self._lock:
+            epoch = _activation_epoch()
+            if epoch != self._plan_modes:   # some QTensor.activations changed since
+                self._plan.refresh_activations(self.weights)
+                self._plan_modes = epoch
             self._plan.step(tok, cache.k, cache.v, cache.length,
                             self._logits[0] if want_logits else None, get_num_threads())
             cache.length += 1
@@ -200,13 +205,21 @@ def placed(weights: Weights) -> Weights:
                                norm=place(weights.norm), lm_head=place(weights.lm_head))
 
 
-def _all_float32(weights: Weights) -> bool:
-    mats = [weights.embed_tokens, weights.lm_head, weights.norm]
+def _fusable(weights: Weights) -> bool:
+    """The fused decode step takes C-contiguous float32 norms and float32 or QTensor matrices."""
+    from .quant import QTensor
+    norms = [weights.norm] + [a for lw in weights.layers
+                              for a in (lw.input_layernorm, lw.post_attention_layernorm)]
+    mats = [weights.embed_tokens, weights.lm_head]
     for lw in weights.layers:
-        mats += [lw.input_layernorm, lw.qkv_proj, lw.o_proj, lw.post_attention_layernorm,
-                 lw.gate_up_proj, lw.down_proj]
-    return all(isinstance(m, np.ndarray) and m.dtype == np.float32 and m.flags.c_contiguous
-               for m in mats)
+        mats += [lw.qkv_proj, lw.o_proj, lw.gate_up_proj, lw.down_proj]
+    f32 = lambda m: isinstance(m, np.ndarray) and m.dtype == np.float32 and m.flags.c_contiguous
+    return all(f32(a) for a in norms) and all(f32(m) or isinstance(m, QTensor) for m in mats)
+
+
+def _activation_epoch() -> int:
+    from . import quant
+    return quant.activation_epoch()
 
 
 def _linear(out, x, w, beta):

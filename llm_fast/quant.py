@@ -43,6 +43,13 @@ ACTIVATION_MODES = ("auto", "q8", "q8x2", "f32")
 DEFAULT_ACTIVATIONS = "auto"
 # "auto": from this many activation rows on (prefill), float activations; below (decode), q8x2
 AUTO_F32_ROWS = 16
+_epoch = 0   # bumped by every change of a QTensor's activation mode (see activation_epoch)
+
+
+def activation_epoch() -> int:
+    """A counter that changes whenever any QTensor's activation mode is set: a model's fused
+    decode step compares it to re-read the modes it captured."""
+    return _epoch
 # qtype -> (weights per block, bytes per block)
 BLOCK_SIZES = {"q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "f16": (1, 2), "bf16": (1, 2)}
 _CODES = _q.QTYPE_CODES
@@ -104,9 +111,11 @@ class QTensor:
 
     @activations.setter
     def activations(self, mode):
+        global _epoch
         if mode not in ACTIVATION_MODES:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
         self._mode = mode
+        _epoch += 1
 
     @property
     def nbytes(self):

@@ -560,7 +560,9 @@ def test_client_disconnect_stops_generation(tiny):
     slow = SlowModel(model, delay=0.01)
     app = create_app(slow, tok, "tiny-chatml", max_concurrent=2)
     with ServerThread(app) as s:
-        body = {"messages": HELLO, "max_tokens": 400, "stream": True}
+        # end-of-turn tokens banned: every generation runs the full 400 tokens unless cancelled
+        no_eos = {str(t): -100 for t in tok.eos_token_ids}
+        body = {"messages": HELLO, "max_tokens": 400, "stream": True, "logit_bias": no_eos}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
             for _ in range(6):
