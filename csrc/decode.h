@@ -39,7 +39,6 @@ typedef struct {
 typedef struct {
     int8_t *q;        /* 2 limbs x qstride int8 */
     float *f;         /* 2 limbs x nf floats */
-    float *r;         /* residual (K floats) */
     float *deq;       /* dequantized weight rows for "f32" mode (LF_DEQ_ROWS x K floats) */
     long qstride, nf;
     const float *src; /* the vector quantized now (NULL: none) */
@@ -136,10 +135,7 @@ static inline void lf_mv(int level, const lf_mat *M, long k, const float *x, lf_
         if (xq->src != x || xq->limbs < limbs) {
             lfq_quantize_fn qfn = lfq_quantize_kernel(ql);
             qfn(x, k, xq->q, xq->f);
-            if (limbs == 2) {
-                lfq_residual(x, k, xq->q, xq->f, xq->r);
-                qfn(xq->r, k, xq->q + xq->qstride, xq->f + xq->nf);
-            }
+            if (limbs == 2) lfq_second_limb(x, k, xq->q, xq->f, xq->q + xq->qstride);
             xq->src = x;
             xq->limbs = limbs;
         }
@@ -149,8 +145,7 @@ static inline void lf_mv(int level, const lf_mat *M, long k, const float *x, lf_
         act.f_stride = xq->nf;
         act.limbs = limbs;
     }
-    lfq_rows_kernel_ex(M->qtype, ql, 0)(w, M->row_bytes, r1 - r0, k, &act, act.limbs, y + r0, 0,
-                                        beta);
+    lfq_rows_kernel_ex(M->qtype, ql, 0)(w, M->row_bytes, r1 - r0, k, &act, 1, y + r0, 0, beta);
 }
 
 /* The next unclaimed chunk of a phase of n chunks split into `parts` static shares, this

@@ -52,7 +52,6 @@ cdef extern from "decode.h" nogil:
     ctypedef struct lf_xq:
         signed char *q
         float *f
-        float *r
         float *deq
         long qstride, nf
         const float *src
@@ -230,7 +229,6 @@ cdef class DecodePlan:
         cdef long t
         xq_q = np.zeros((max_threads, 2 * qstride + 64), np.int8)
         xq_f = _aligned_zeros((max_threads, 2 * nf))
-        xq_r = _aligned_zeros((max_threads, kmax))
         xq_deq = _aligned_zeros((max_threads, LF_DEQ_ROWS * kmax))
         p.xq = <lf_xq *>malloc(max_threads * sizeof(lf_xq))
         if p.xq == NULL:
@@ -238,18 +236,16 @@ cdef class DecodePlan:
         cdef long qrow = 2 * qstride + 64, frow = 2 * nf
         cdef signed char *qbase = <signed char *>cnp.PyArray_DATA(<cnp.ndarray>xq_q)
         cdef float *fbase = <float *>cnp.PyArray_DATA(<cnp.ndarray>xq_f)
-        cdef float *rbase = <float *>cnp.PyArray_DATA(<cnp.ndarray>xq_r)
         cdef float *dbase = <float *>cnp.PyArray_DATA(<cnp.ndarray>xq_deq)
         for t in range(max_threads):
             p.xq[t].q = qbase + t * qrow
             p.xq[t].f = fbase + t * frow
-            p.xq[t].r = rbase + t * kmax
             p.xq[t].deq = dbase + t * LF_DEQ_ROWS * kmax
             p.xq[t].qstride = qstride
             p.xq[t].nf = nf
             p.xq[t].src = NULL
             p.xq[t].limbs = 0
-        self.scratch = (x, h, qkv, att, act, scores, counters, xq_q, xq_f, xq_r, xq_deq)
+        self.scratch = (x, h, qkv, att, act, scores, counters, xq_q, xq_f, xq_deq)
         p.counters = <lf_counter *>cnp.PyArray_DATA(counters)
         p.n_phases = n_phases
         p.x = <float *>cnp.PyArray_DATA(x)

@@ -246,31 +246,54 @@ static void lfq_quantize_x_scalar(const float *x, int64_t K, int8_t *q, float *f
     lfq_act_finish(f, K);
 }
 
-/* Two-limb activations ("q8x2"): x ~= d1*q1 + d2*q2 with q1 the 8-bit quantization above and
- * q2 that of the residual r = x - d1*q1 (|r_j| <= d1/2, so the grid step drops ~254x: ~16 bits
- * per block, as accurate as float32 activations against 4/8-bit weights). Both limbs run
- * through the same integer kernels as two activation rows whose results are added. */
-static void lfq_residual(const float *x, int64_t K, const int8_t *q, const float *f, float *r) {
-    const float *d = lfq_act_d(f, K);
-    for (int64_t b = 0; b < K / LFQ_QK; b++)
-        for (int j = 0; j < LFQ_QK; j++) r[b * 32 + j] = x[b * 32 + j] - d[b] * (float)q[b * 32 + j];
+/* Two-limb activations ("q8x2"): x ~= d1*q1 + (d1/256)*q2, q1 the 8-bit quantization above and
+ * q2 = clamp(round(r * 256/d1), -127, 127) of the residual r = x - d1*q1 (|r| <= d1/2): a grid
+ * 256x finer, ~16 bits per block. The kernels combine the limbs in the integer domain,
+ * 256 * dot(w, q1) + dot(w, q2), then scale by d1/256 as for one limb. Layout: the two limbs are
+ * activation rows 2i and 2i+1 of q; row 2i of f holds d = d1/256 (and its patterns) and
+ * s = d * (256 * sum(q1) + sum(q2)); row 2i+1 of f is not read.
+ * Given q1 and f from a quantize kernel (any level: they are bit-identical), this scalar pass
+ * writes q2 and rewrites f, so the result is the same at every SIMD level. */
+static void lfq_second_limb(const float *x, int64_t K, const int8_t *q1, float *f, int8_t *q2) {
+    int64_t nb = K / LFQ_QK;
+    float *dd = f + 16 * lfq_npairs(K), *ss = dd + lfq_nbpad(K);
+    for (int64_t b = 0; b < nb; b++) {
+        const float d1 = dd[b], inv = d1 != 0.f ? 256.f / d1 : 0.f;
+        int sum1 = 0, sum2 = 0;
+        for (int j = 0; j < 32; j++) {
+            float r = x[b * 32 + j] - d1 * (float)q1[b * 32 + j];
+            float v = nearbyintf(r * inv);
+            int iv = v > 127.f ? 127 : (v < -127.f ? -127 : (int)v);
+            q2[b * 32 + j] = (int8_t)iv;
+            sum1 += q1[b * 32 + j];
+            sum2 += iv;
+        }
+        dd[b] = d1 * (1.f / 256.f);
+        ss[b] = dd[b] * (float)(256 * sum1 + sum2);
+    }
+    lfq_act_finish(f, K);
 }
 
 /* ---------------------------------------------------------------- scalar micro-kernels
  * One weight row against NR activation rows (starting at row i0 of x); results into res[NR]. */
 
 LFQ_INLINE void lfq_q8_0_scalar(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
-                                float *res, const int NR) {
+                                float *res, const int NR, const int LIMBS) {
     int64_t nb = K / LFQ_QK;
     for (int r = 0; r < NR; r++) {
-        const int8_t *xq = x->q + (int64_t)(i0 + r) * x->q_stride;
-        const float *xd = lfq_act_d(x->f + (int64_t)(i0 + r) * x->f_stride, K);
+        const int64_t ri = (int64_t)LIMBS * (i0 + r);
+        const int8_t *xq = x->q + ri * x->q_stride, *xq2 = xq + x->q_stride;
+        const float *xd = lfq_act_d(x->f + ri * x->f_stride, K);
         float acc = 0.f;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = w + b * 34;
             const int8_t *qs = (const int8_t *)(blk + 2);
-            int sumi = 0;
+            int sumi = 0, sum2 = 0;
             for (int j = 0; j < 32; j++) sumi += (int)qs[j] * (int)xq[b * 32 + j];
+            if (LIMBS == 2) {
+                for (int j = 0; j < 32; j++) sum2 += (int)qs[j] * (int)xq2[b * 32 + j];
+                sumi = 256 * sumi + sum2;
+            }
             acc += lfq_f16_to_f32(lfq_u16(blk)) * xd[b] * (float)sumi;
         }
         res[r] = acc;
@@ -278,20 +301,26 @@ LFQ_INLINE void lfq_q8_0_scalar(const uint8_t *w, int64_t K, const lfq_act *x, i
 }
 
 LFQ_INLINE void lfq_q4_scalar(const uint8_t *w, int64_t K, const lfq_act *x, int i0, float *res,
-                              const int NR, const int HAS_MIN) {
+                              const int NR, const int HAS_MIN, const int LIMBS) {
     const int BS = HAS_MIN ? 20 : 18, QO = HAS_MIN ? 4 : 2;
     int64_t nb = K / LFQ_QK;
     for (int r = 0; r < NR; r++) {
-        const int8_t *xq = x->q + (int64_t)(i0 + r) * x->q_stride;
-        const float *xf = x->f + (int64_t)(i0 + r) * x->f_stride;
+        const int64_t ri = (int64_t)LIMBS * (i0 + r);
+        const int8_t *xq = x->q + ri * x->q_stride;
+        const float *xf = x->f + ri * x->f_stride;
         const float *xd = lfq_act_d(xf, K), *xs = lfq_act_s(xf, K);
         float acc = 0.f;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = w + b * BS, *qs = blk + QO;
-            const int8_t *xb = xq + b * 32;
-            int sumi = 0;
+            const int8_t *xb = xq + b * 32, *xb2 = xb + x->q_stride;
+            int sumi = 0, sum2 = 0;
             for (int j = 0; j < 16; j++)
                 sumi += (int)(qs[j] & 0x0F) * xb[j] + (int)(qs[j] >> 4) * xb[j + 16];
+            if (LIMBS == 2) {
+                for (int j = 0; j < 16; j++)
+                    sum2 += (int)(qs[j] & 0x0F) * xb2[j] + (int)(qs[j] >> 4) * xb2[j + 16];
+                sumi = 256 * sumi + sum2;
+            }
             float d = lfq_f16_to_f32(lfq_u16(blk));
             float m = HAS_MIN ? lfq_f16_to_f32(lfq_u16(blk + 2)) : -8.f * d;
             acc += d * xd[b] * (float)sumi + m * xs[b];
@@ -316,7 +345,7 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
 #define LFQ_NOTARGET
 
 /* Rows driver: weight rows [0, nrows) (row stride rb bytes) against all m activation rows
- * (m / x->limbs output rows).
+ * (x rows: with two limbs, rows 2i and 2i+1 of q are x row i).
  * out points at out[0][row0]; out row stride ldo. Activation rows are taken MR at a time and
  * every weight row of the tile is run against them, so the tile's weights stay in L1 while the
  * activations are swept once per tile. beta == 0: out is written, never read. */
@@ -327,7 +356,7 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
             int nr = m - i0 < MR ? m - i0 : MR;                                                \
             for (int64_t r = 0; r < nrows; r++) {                                              \
                 const uint8_t *wr = w + r * rb;                                                \
-                float res[LFQ_MRMAX] = {0};                                                    \
+                float res[LFQ_MRMAX];                                                          \
                 switch (nr) {                                                                  \
                 case 8: if (MR >= 8) { CALL(wr, K, x, i0, res, MR >= 8 ? 8 : 1); break; }     \
                 /* fall through */                                                             \
@@ -342,20 +371,21 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
                 case 2: CALL(wr, K, x, i0, res, 2); break;                                     \
                 default: CALL(wr, K, x, i0, res, 1); break;                                    \
                 }                                                                              \
-                if (x->limbs == 2) { /* MR and i0 are even: a row's two limbs are adjacent */ \
-                    for (int i = 0; i < nr; i += 2) res[i >> 1] = res[i] + res[i + 1];        \
-                }                                                                              \
-                for (int i = 0; i < nr / x->limbs; i++) {                                      \
-                    float *o = out + (int64_t)(i0 / x->limbs + i) * ldo + r;                   \
+                for (int i = 0; i < nr; i++) {                                                 \
+                    float *o = out + (int64_t)(i0 + i) * ldo + r;                              \
                     *o = beta == 0.f ? res[i] : beta * *o + res[i];                            \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
     }
 
-#define LFQ_CALL_Q8_0_S(wr, K, x, i0, res, NR) lfq_q8_0_scalar(wr, K, x, i0, res, NR)
-#define LFQ_CALL_Q4_0_S(wr, K, x, i0, res, NR) lfq_q4_scalar(wr, K, x, i0, res, NR, 0)
-#define LFQ_CALL_Q4_1_S(wr, K, x, i0, res, NR) lfq_q4_scalar(wr, K, x, i0, res, NR, 1)
+/* Block types: one instantiation per limb count, chosen once per call of the micro-kernel. */
+#define LFQ_CALL_Q8_0_S(wr, K, x, i0, res, NR) \
+    (x->limbs == 2 ? lfq_q8_0_scalar(wr, K, x, i0, res, NR, 2) : lfq_q8_0_scalar(wr, K, x, i0, res, NR, 1))
+#define LFQ_CALL_Q4_0_S(wr, K, x, i0, res, NR) \
+    (x->limbs == 2 ? lfq_q4_scalar(wr, K, x, i0, res, NR, 0, 2) : lfq_q4_scalar(wr, K, x, i0, res, NR, 0, 1))
+#define LFQ_CALL_Q4_1_S(wr, K, x, i0, res, NR) \
+    (x->limbs == 2 ? lfq_q4_scalar(wr, K, x, i0, res, NR, 1, 2) : lfq_q4_scalar(wr, K, x, i0, res, NR, 1, 1))
 #define LFQ_CALL_F16_S(wr, K, x, i0, res, NR) lfq_f16_scalar(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_S(wr, K, x, i0, res, NR) lfq_f16_scalar(wr, K, x, i0, res, NR, 1)
 
@@ -442,7 +472,7 @@ LFQ_T256 static void lfq_quantize_x_avx2(const float *x, int64_t K, int8_t *q, f
 }
 
 LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
-                                     float *res, const int NR, const int HAS_MIN) {
+                                     float *res, const int NR, const int HAS_MIN, const int LIMBS) {
     const int BS = HAS_MIN ? 20 : 18, QO = HAS_MIN ? 4 : 2;
     const int64_t nb = K / LFQ_QK;
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -452,9 +482,10 @@ LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act 
     __m256 acc[LFQ_MRMAX];
     float accm[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
-        xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
-        xd[r] = lfq_act_d(x->f + (int64_t)(i0 + r) * x->f_stride, K);
-        xs[r] = lfq_act_s(x->f + (int64_t)(i0 + r) * x->f_stride, K);
+        const int64_t ri = (int64_t)LIMBS * (i0 + r);
+        xq[r] = x->q + ri * x->q_stride;
+        xd[r] = lfq_act_d(x->f + ri * x->f_stride, K);
+        xs[r] = lfq_act_s(x->f + ri * x->f_stride, K);
         acc[r] = _mm256_setzero_ps();
         accm[r] = 0.f;
     }
@@ -468,6 +499,11 @@ LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act 
         for (int r = 0; r < NR; r++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[r] + b * 32));
             __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+            if (LIMBS == 2) {
+                __m256i x2 = _mm256_loadu_si256((const __m256i *)(xq[r] + x->q_stride + b * 32));
+                p = _mm256_add_epi32(_mm256_slli_epi32(p, 8),
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x2), ones));
+            }
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r][b]), acc[r]);
             accm[r] += m * xs[r][b];
         }
@@ -476,15 +512,16 @@ LFQ_T256 LFQ_INLINE void lfq_q4_avx2(const uint8_t *w, int64_t K, const lfq_act 
 }
 
 LFQ_T256 LFQ_INLINE void lfq_q8_0_avx2(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
-                                       float *res, const int NR) {
+                                       float *res, const int NR, const int LIMBS) {
     const int64_t nb = K / LFQ_QK;
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *xq[LFQ_MRMAX];
     const float *xd[LFQ_MRMAX];
     __m256 acc[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
-        xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
-        xd[r] = lfq_act_d(x->f + (int64_t)(i0 + r) * x->f_stride, K);
+        const int64_t ri = (int64_t)LIMBS * (i0 + r);
+        xq[r] = x->q + ri * x->q_stride;
+        xd[r] = lfq_act_d(x->f + ri * x->f_stride, K);
         acc[r] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < nb; b++) {
@@ -496,6 +533,12 @@ LFQ_T256 LFQ_INLINE void lfq_q8_0_avx2(const uint8_t *w, int64_t K, const lfq_ac
             __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq[r] + b * 32)), wv);
             /* |w| * (+-x): at most 2*128*127 < 2^15, no saturation (activations never -128) */
             __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xv), ones);
+            if (LIMBS == 2) {
+                __m256i x2 = _mm256_sign_epi8(
+                    _mm256_loadu_si256((const __m256i *)(xq[r] + x->q_stride + b * 32)), wv);
+                p = _mm256_add_epi32(_mm256_slli_epi32(p, 8),
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(aw, x2), ones));
+            }
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[r][b]), acc[r]);
         }
     }
@@ -531,9 +574,12 @@ LFQ_T256 LFQ_INLINE void lfq_f16_avx2(const uint8_t *w, int64_t K, const lfq_act
     }
 }
 
-#define LFQ_CALL_Q8_0_2(wr, K, x, i0, res, NR) lfq_q8_0_avx2(wr, K, x, i0, res, NR)
-#define LFQ_CALL_Q4_0_2(wr, K, x, i0, res, NR) lfq_q4_avx2(wr, K, x, i0, res, NR, 0)
-#define LFQ_CALL_Q4_1_2(wr, K, x, i0, res, NR) lfq_q4_avx2(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q8_0_2(wr, K, x, i0, res, NR) \
+    (x->limbs == 2 ? lfq_q8_0_avx2(wr, K, x, i0, res, NR, 2) : lfq_q8_0_avx2(wr, K, x, i0, res, NR, 1))
+#define LFQ_CALL_Q4_0_2(wr, K, x, i0, res, NR) \
+    (x->limbs == 2 ? lfq_q4_avx2(wr, K, x, i0, res, NR, 0, 2) : lfq_q4_avx2(wr, K, x, i0, res, NR, 0, 1))
+#define LFQ_CALL_Q4_1_2(wr, K, x, i0, res, NR) \
+    (x->limbs == 2 ? lfq_q4_avx2(wr, K, x, i0, res, NR, 1, 2) : lfq_q4_avx2(wr, K, x, i0, res, NR, 1, 1))
 #define LFQ_CALL_F16_2(wr, K, x, i0, res, NR) lfq_f16_avx2(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_2(wr, K, x, i0, res, NR) lfq_f16_avx2(wr, K, x, i0, res, NR, 1)
 
@@ -627,7 +673,7 @@ LFQ_T512 static void lfq_quantize_x_avx512(const float *x, int64_t K, int8_t *q,
  * one vpdpbusd + cvt + mul + fma against the row's scale pattern, and one 2-lane FMA for the
  * offset terms. (Gathering the scales of 16 blocks instead is slower on Zen 5.) */
 LFQ_T512 LFQ_INLINE void lfq_blk_avx512(const uint8_t *w, int64_t K, const lfq_act *x, int i0,
-                                      float *res, const int NR, const int TYPE) {
+                                      float *res, const int NR, const int TYPE, const int LIMBS) {
     const int BS = TYPE == 0 ? 34 : (TYPE == 1 ? 18 : 20);
     const int QO = TYPE == 2 ? 4 : 2;
     const int64_t nb = K / LFQ_QK, np = lfq_npairs(K), nbp = lfq_nbpad(K);
@@ -638,8 +684,9 @@ LFQ_T512 LFQ_INLINE void lfq_blk_avx512(const uint8_t *w, int64_t K, const lfq_a
     __m512 acc[LFQ_MRMAX];
     __m128 acco[LFQ_MRMAX];
     for (int r = 0; r < NR; r++) {
-        const float *f = x->f + (int64_t)(i0 + r) * x->f_stride;
-        xq[r] = x->q + (int64_t)(i0 + r) * x->q_stride;
+        const int64_t ri = (int64_t)LIMBS * (i0 + r);
+        const float *f = x->f + ri * x->f_stride;
+        xq[r] = x->q + ri * x->q_stride;
         xp[r] = f;
         xs[r] = f + 16 * np + nbp;
         acc[r] = _mm512_setzero_ps();
@@ -684,6 +731,9 @@ LFQ_T512 LFQ_INLINE void lfq_blk_avx512(const uint8_t *w, int64_t K, const lfq_a
         const __m128 off = _mm_shuffle_ps(dm, dm, _MM_SHUFFLE(3, 1, 3, 1));     /* [o0, o1, .. ] */
         for (int r = 0; r < NR; r++) {
             __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t, _mm512_loadu_si512((const void *)(xq[r] + b * 32)));
+            if (LIMBS == 2)   /* 256 * dot(w, q1) + dot(w, q2), exact in int32 */
+                s = _mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), t,
+                                        _mm512_loadu_si512((const void *)(xq[r] + x->q_stride + b * 32)));
             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), dwp), _mm512_loadu_ps(xp[r] + 8 * b), acc[r]);
             acco[r] = _mm_fmadd_ps(off, _mm_castpd_ps(_mm_load_sd((const double *)(xs[r] + b))), acco[r]);
         }
@@ -722,9 +772,11 @@ LFQ_T512 LFQ_INLINE void lfq_f16_avx512(const uint8_t *w, int64_t K, const lfq_a
     for (int r = 0; r < NR; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-#define LFQ_CALL_Q8_0_5(wr, K, x, i0, res, NR) lfq_blk_avx512(wr, K, x, i0, res, NR, 0)
-#define LFQ_CALL_Q4_0_5(wr, K, x, i0, res, NR) lfq_blk_avx512(wr, K, x, i0, res, NR, 1)
-#define LFQ_CALL_Q4_1_5(wr, K, x, i0, res, NR) lfq_blk_avx512(wr, K, x, i0, res, NR, 2)
+#define LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, T) \
+    (x->limbs == 2 ? lfq_blk_avx512(wr, K, x, i0, res, NR, T, 2) : lfq_blk_avx512(wr, K, x, i0, res, NR, T, 1))
+#define LFQ_CALL_Q8_0_5(wr, K, x, i0, res, NR) LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_0_5(wr, K, x, i0, res, NR) LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q4_1_5(wr, K, x, i0, res, NR) LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, 2)
 #define LFQ_CALL_F16_5(wr, K, x, i0, res, NR) lfq_f16_avx512(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_5(wr, K, x, i0, res, NR) lfq_f16_avx512(wr, K, x, i0, res, NR, 1)
 
@@ -857,8 +909,8 @@ static void lfq_dequant_rows_simd(int qtype, int level, const uint8_t *w, int64_
  *   lfq_quantize_kernel(level)(x + i * K, K, q + i * q_stride, f + i * f_stride) per row i,
  *       once per input (any thread; the rows are independent);
  *   lfq_act act = {q, f, x, q_stride, f_stride, K, 1};   (xf = x is what F16/BF16 read)
- *   (two limbs: quantize x_i into rows 2i, lfq_residual into a K-float scratch, quantize that
- *    into row 2i+1, limbs = 2 and pass m = 2 * rows of x)
+ *   (two limbs: quantize x_i into rows 2i of q and f, then lfq_second_limb(x_i, K, q row 2i,
+ *    f row 2i, q row 2i+1); limbs = 2; m stays the number of rows of x)
  *   lfq_rows_kernel(qtype, level)(w + r0 * row_bytes, row_bytes, r1 - r0, K, &act, m,
  *                                 out + r0, ldo, beta)   for a thread's weight rows [r0, r1).
  *   (lfq_rows_kernel_ex(qtype, level, 1): float activations, no scratch, only act.xf used.)

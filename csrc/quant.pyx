@@ -44,7 +44,7 @@ cdef extern from "quant.h" nogil:
     void lfq_dequant_row(int qtype, const uint8_t *w, int64_t K, float *y)
     lfq_rows_fn lfq_rows_kernel_ex(int qtype, int level, int exact_act)
     lfq_quantize_fn lfq_quantize_kernel(int level)
-    void lfq_residual(const float *x, int64_t K, const int8_t *q, const float *f, float *r)
+    void lfq_second_limb(const float *x, int64_t K, const int8_t *q1, float *f, int8_t *q2)
     void lfq_rows_deq_gemm(int qtype, int level, const uint8_t *w, int64_t rb, int64_t nrows,
                            int64_t K, const float *x, int64_t ldx, int m, float *out,
                            int64_t ldo, float beta, float *scratch)
@@ -152,7 +152,7 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     """out = beta * out + x @ W.T, W given as `w` (rows, row_bytes) in ggml layout with `cols`
     weights per row. x: (m, cols) float32; out: (m, rows) float32. beta == 0: out is not read.
     exact_act: float activations times the dequantized weights (no 8-bit activations).
-    limbs: 1 = 8-bit activations; 2 = 8-bit activations plus the 8-bit quantized residual
+    limbs: 1 = 8-bit activations; 2 = 8-bit activations plus the residual on a 256x finer grid
     (~16-bit accuracy, see quant.h). Ignored for F16/BF16 and with exact_act."""
     cdef int64_t rows = w.shape[0], m = x.shape[0], K = cols, nf = 0, qstride = 0, i, t, ntiles, r0, nr
     cdef int level = lfq_get_level()
@@ -162,7 +162,7 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     cdef uint8_t *scratch
     cdef int8_t *xq = NULL
     cdef float *xf = NULL
-    cdef float *xr = NULL
+    cdef float *xr = NULL   # float scratch of the f32 path
     cdef int tile = ROW_TILE
     cdef int nthreads
     cdef bint quantized
@@ -190,14 +190,12 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     act.f_stride = 0
     act.limbs = limbs
     if quantized:
-        # limbs * m rows of int8, then limbs * m rows of floats, then (two limbs) m residual rows
+        # limbs * m rows of int8, then limbs * m rows of floats (x row i: rows limbs * i, +1)
         nf = lfq_act_floats(cols)
         qstride = _round_up(cols, 64)
-        scratch = ws.reserve(limbs * m * (qstride + nf * sizeof(float))
-                             + (limbs - 1) * m * cols * sizeof(float))
+        scratch = ws.reserve(limbs * m * (qstride + nf * sizeof(float)))
         xq = <int8_t *>scratch
         xf = <float *>(scratch + limbs * m * qstride)
-        xr = xf + limbs * m * nf
         act.q = xq
         act.f = xf
         act.q_stride = qstride
@@ -228,24 +226,23 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
             if m >= PAR_QUANT_ROWS:
                 for i in prange(m, schedule="static"):
                     _quantize_two_limbs(qfn, &x[i, 0], K, xq + 2 * i * qstride, qstride,
-                                        xf + 2 * i * nf, nf, xr + i * K)
+                                        xf + 2 * i * nf)
             else:
                 for i in range(m):
                     _quantize_two_limbs(qfn, &x[i, 0], K, xq + 2 * i * qstride, qstride,
-                                        xf + 2 * i * nf, nf, xr + i * K)
+                                        xf + 2 * i * nf)
         for t in prange(ntiles, schedule="static"):
             r0 = t * tile
             nr = rows - r0
             if nr > tile:
                 nr = tile
-            fn(&w[r0, 0], w.shape[1], nr, K, &act, <int>(limbs * m), &out[0, r0], rows, beta)
+            fn(&w[r0, 0], w.shape[1], nr, K, &act, <int>m, &out[0, r0], rows, beta)
 
 
 cdef inline void _quantize_two_limbs(lfq_quantize_fn qfn, const float *x, int64_t K, int8_t *q,
-                                     int64_t qstride, float *f, int64_t nf, float *r) noexcept nogil:
+                                     int64_t qstride, float *f) noexcept nogil:
     qfn(x, K, q, f)
-    lfq_residual(x, K, q, f, r)
-    qfn(r, K, q + qstride, f + nf)
+    lfq_second_limb(x, K, q, f, q + qstride)
 
 
 def activation_layout(int64_t K):
