@@ -415,6 +415,40 @@ static inline void lf_attend_group(int level, const float *q, long nq, const flo
     }
 }
 
+
+/* Prefill: the queries of npos consecutive positions x nh query heads sharing one KV head, as
+ * rows r = p * nh + h of qbuf (d floats each; position p sees keys [0, total0 + p)). Each key
+ * and value row is loaded once for all npos * nh rows (register tiles of 4 rows x 4 keys).
+ * Bit-identical to lf_attend_group per position: every score is the same dot product, softmax
+ * runs over each row's own keys and zeroes the rest, and the zeros add exactly nothing to the
+ * value sums. scores: nq * (total0 + npos - 1) floats; results into obuf (rows as qbuf). */
+static inline void lf_attend_multi(int level, const float *qbuf, long nh, long npos,
+                                   const float *k_cache, const float *v_cache, long kv_stride,
+                                   long total0, long d, float scale, float *scores, float *obuf) {
+    const long tmax = total0 + npos - 1, nq = nh * npos;
+    for (long j = 0; j < tmax; j += 4) {
+        long nr = tmax - j < 4 ? tmax - j : 4;
+        lf_gemm_colblock(level, qbuf, d, k_cache + j * kv_stride, kv_stride, d, scores + j, tmax,
+                         nq, (int)nr, scale, 0.0f);
+    }
+    for (long r = 0; r < nq; r++) lf_softmax_row(scores + r * tmax, total0 + r / nh, tmax);
+#if LF_X86
+    if (level == LF_AVX512) {
+        for (long r = 0; r < nq; r += 4)
+            lf_attend_pv_a5(scores + r * tmax, tmax, nq - r < 4 ? (int)(nq - r) : 4, v_cache,
+                            kv_stride, total0 + (nq - 1 < r + 3 ? nq - 1 : r + 3) / nh, d,
+                            obuf + r * d, d);
+        return;
+    }
+#endif
+    for (long r = 0; r < nq; r++) {
+        long t = total0 + r / nh;
+        memset(obuf + r * d, 0, (size_t)d * sizeof(float));
+        for (long j = 0; j < t; j++)
+            lf_axpy(level, obuf + r * d, scores[r * tmax + j], v_cache + j * kv_stride, d);
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Memory read bandwidth probe: sum of x[:n], one contiguous range per thread, 4 independent
  * AVX-512 accumulators (enough loads in flight to saturate DRAM). */

@@ -15,6 +15,9 @@ cdef extern from "simd.h" nogil:
     void lf_attend_group(int level, const float *q, long nq, const float *k_cache,
                          const float *v_cache, long kv_stride, long total, long d, float scale,
                          float *scores, float *out)
+    void lf_attend_multi(int level, const float *qbuf, long nh, long npos, const float *k_cache,
+                         const float *v_cache, long kv_stride, long total0, long d, float scale,
+                         float *scores, float *obuf)
 
 cdef extern from "omp_shim.h" nogil:
     int omp_get_max_threads()

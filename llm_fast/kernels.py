@@ -147,8 +147,9 @@ def attention(out, q, k_cache, v_cache, past, n_heads, n_kv_heads, head_dim, scr
     if past < 0 or past + seq > k_cache.shape[0]:
         raise ValueError(f"attention: past {past} + seq {seq} exceeds the cache length {k_cache.shape[0]}")
     need = (max(get_num_threads(), 1), past + seq)
-    if scratch is None:  # room for a whole KV group per thread (see _kernels.attention)
-        scratch = np.empty((need[0], (n_heads // n_kv_heads) * need[1]), np.float32)
+    if scratch is None:  # room for 4 positions x a KV group per thread (see _kernels.attention)
+        scratch = np.empty((need[0], 4 * (n_heads // n_kv_heads) * (need[1] + 2 * head_dim)),
+                           np.float32)
     else:
         _f32("scratch", scratch, 2, writable=True)
     if scratch.shape[0] < need[0] or scratch.shape[1] < need[1]:

@@ -107,9 +107,11 @@ class Model:
         if n == 1 and self.use_fused_decode and logits != "all":
             return self._decode_one(int(ids[0]), cache, logits == "last")
         with self._lock:
-            need = (max(get_num_threads(), 1), self._group * cache.max_len)
+            # per thread: scores and gathered rows of 4 positions x a KV group (see attention)
+            need = (max(get_num_threads(), 1),
+                    4 * self._group * (cache.max_len + 2 * self.config.head_dim))
             if self._scores.shape[0] < need[0] or self._scores.shape[1] < need[1]:
-                self._scores = aligned_zeros(need)   # one (group, positions) block per thread
+                self._scores = aligned_zeros(need)
             all_logits = np.empty((n, self.config.vocab_size), np.float32) if logits == "all" else None
             for start in range(0, n, self.max_chunk):
                 chunk = ids[start:start + self.max_chunk]

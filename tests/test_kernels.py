@@ -250,6 +250,25 @@ def test_matmul_transb_alpha_beta(alpha, beta, m, n, k):
     np.testing.assert_allclose(c, ref, rtol=1e-4, atol=1e-5 * max(np.abs(ref).max(), 1.0))
 
 
+@pytest.mark.parametrize("m, n, k", [(130, 203, 1536), (300, 77, 3073), (41, 1030, 3200)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_matmul_transb_large_prefill_rows_equal_matrix_vector(m, n, k, beta):
+    """Prefill-sized activations (more than an L2 share): every output is one dot product in a
+    fixed order, so each row equals the m = 1 (matrix-vector) result bit for bit, and the
+    whole matches float64."""
+    rng = np.random.default_rng(m + n + k)
+    a, b, c0 = rnd(rng, m, k), rnd(rng, n, k), rnd(rng, m, n)
+    assert m * k * 4 > 512 * 1024
+    c = c0.copy() if beta else np.full((m, n), np.nan, np.float32)
+    K.matmul_transb(c, beta, a, b, 0.5)
+    for i in (0, m // 2, m - 1):
+        row = c0[i:i + 1].copy() if beta else np.empty((1, n), np.float32)
+        K.matmul_transb(row, beta, a[i:i + 1], b, 0.5)
+        np.testing.assert_array_equal(row[0], c[i])
+    ref = beta * c0.astype(np.float64) + 0.5 * (a.astype(np.float64) @ b.astype(np.float64).T)
+    np.testing.assert_allclose(c, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 def test_matmul_transb_nan_c_beta0_large():
     """beta = 0 with NaN (and inf) in c through the parallel path: c is write-only."""
     rng = np.random.default_rng(7)
