@@ -379,13 +379,12 @@ LFQ_INLINE void lfq_f16_scalar(const uint8_t *w, int64_t K, const lfq_act *x, in
         }                                                                                      \
     }
 
-/* Block types: one instantiation per limb count, chosen once per call of the micro-kernel. */
-#define LFQ_CALL_Q8_0_S(wr, K, x, i0, res, NR) \
-    (x->limbs == 2 ? lfq_q8_0_scalar(wr, K, x, i0, res, NR, 2) : lfq_q8_0_scalar(wr, K, x, i0, res, NR, 1))
-#define LFQ_CALL_Q4_0_S(wr, K, x, i0, res, NR) \
-    (x->limbs == 2 ? lfq_q4_scalar(wr, K, x, i0, res, NR, 0, 2) : lfq_q4_scalar(wr, K, x, i0, res, NR, 0, 1))
-#define LFQ_CALL_Q4_1_S(wr, K, x, i0, res, NR) \
-    (x->limbs == 2 ? lfq_q4_scalar(wr, K, x, i0, res, NR, 1, 2) : lfq_q4_scalar(wr, K, x, i0, res, NR, 1, 1))
+/* Block types: one instantiation per limb count (the last argument), chosen once per call of
+ * the micro-kernel. */
+#define LFQ_BY_LIMBS(x, KERNEL, ...) ((x)->limbs == 2 ? KERNEL(__VA_ARGS__, 2) : KERNEL(__VA_ARGS__, 1))
+#define LFQ_CALL_Q8_0_S(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_q8_0_scalar, wr, K, x, i0, res, NR)
+#define LFQ_CALL_Q4_0_S(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_q4_scalar, wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_1_S(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_q4_scalar, wr, K, x, i0, res, NR, 1)
 #define LFQ_CALL_F16_S(wr, K, x, i0, res, NR) lfq_f16_scalar(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_S(wr, K, x, i0, res, NR) lfq_f16_scalar(wr, K, x, i0, res, NR, 1)
 
@@ -574,12 +573,9 @@ LFQ_T256 LFQ_INLINE void lfq_f16_avx2(const uint8_t *w, int64_t K, const lfq_act
     }
 }
 
-#define LFQ_CALL_Q8_0_2(wr, K, x, i0, res, NR) \
-    (x->limbs == 2 ? lfq_q8_0_avx2(wr, K, x, i0, res, NR, 2) : lfq_q8_0_avx2(wr, K, x, i0, res, NR, 1))
-#define LFQ_CALL_Q4_0_2(wr, K, x, i0, res, NR) \
-    (x->limbs == 2 ? lfq_q4_avx2(wr, K, x, i0, res, NR, 0, 2) : lfq_q4_avx2(wr, K, x, i0, res, NR, 0, 1))
-#define LFQ_CALL_Q4_1_2(wr, K, x, i0, res, NR) \
-    (x->limbs == 2 ? lfq_q4_avx2(wr, K, x, i0, res, NR, 1, 2) : lfq_q4_avx2(wr, K, x, i0, res, NR, 1, 1))
+#define LFQ_CALL_Q8_0_2(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_q8_0_avx2, wr, K, x, i0, res, NR)
+#define LFQ_CALL_Q4_0_2(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_q4_avx2, wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_1_2(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_q4_avx2, wr, K, x, i0, res, NR, 1)
 #define LFQ_CALL_F16_2(wr, K, x, i0, res, NR) lfq_f16_avx2(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_2(wr, K, x, i0, res, NR) lfq_f16_avx2(wr, K, x, i0, res, NR, 1)
 
@@ -772,11 +768,9 @@ LFQ_T512 LFQ_INLINE void lfq_f16_avx512(const uint8_t *w, int64_t K, const lfq_a
     for (int r = 0; r < NR; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-#define LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, T) \
-    (x->limbs == 2 ? lfq_blk_avx512(wr, K, x, i0, res, NR, T, 2) : lfq_blk_avx512(wr, K, x, i0, res, NR, T, 1))
-#define LFQ_CALL_Q8_0_5(wr, K, x, i0, res, NR) LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, 0)
-#define LFQ_CALL_Q4_0_5(wr, K, x, i0, res, NR) LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, 1)
-#define LFQ_CALL_Q4_1_5(wr, K, x, i0, res, NR) LFQ_CALL_BLK_5(wr, K, x, i0, res, NR, 2)
+#define LFQ_CALL_Q8_0_5(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_blk_avx512, wr, K, x, i0, res, NR, 0)
+#define LFQ_CALL_Q4_0_5(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_blk_avx512, wr, K, x, i0, res, NR, 1)
+#define LFQ_CALL_Q4_1_5(wr, K, x, i0, res, NR) LFQ_BY_LIMBS(x, lfq_blk_avx512, wr, K, x, i0, res, NR, 2)
 #define LFQ_CALL_F16_5(wr, K, x, i0, res, NR) lfq_f16_avx512(wr, K, x, i0, res, NR, 0)
 #define LFQ_CALL_BF16_5(wr, K, x, i0, res, NR) lfq_f16_avx512(wr, K, x, i0, res, NR, 1)
 

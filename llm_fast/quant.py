@@ -11,9 +11,9 @@ Activations of Q8_0/Q4_0/Q4_1 (`t.activations`, or Model.set_activations / --act
   products (vpdpbusd), as llama.cpp does. Fastest decode, but the rounding perturbs SmolLM2's
   logits by up to ~1.3 and flips near-tied top-1 choices (97.5% agreement with float64 over
   tests/fixtures/real_text.txt).
-- "q8x2": two 8-bit limbs, x ~= d1*q1 + d2*q2 with q2 the quantized residual: ~16-bit
-  activations through the same integer kernels (max logit error 0.007, 100% agreement);
-  decode costs ~15% more than "q8", prefill ~2x.
+- "q8x2": two 8-bit limbs, x ~= d1*q1 + (d1/256)*q2 with q2 the residual on a 256x finer
+  grid, combined in int32 by the same integer kernels: ~16-bit activations (max logit error
+  0.008, 100% agreement); decode costs ~10% more than "q8", prefill ~1.4x.
 - "f32": float x times the exactly dequantized weights: float32 accuracy. Each weight tile is
   dequantized once into scratch and multiplied by register-blocked float32 GEMM tiles, which
   for prefill (many rows) is faster than "q8"; for one row it is the slowest mode.
