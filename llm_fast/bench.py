@@ -132,6 +132,7 @@ class ModelSpec:
     config: object
     weights: object
     gguf_path: Optional[str] = None
+    gguf: object = None          # the parsed GGUF file (gguf_file.GGUFModel), for page release
 
 
 def load_spec(spec: str) -> ModelSpec:
@@ -148,7 +149,7 @@ def load_spec(spec: str) -> ModelSpec:
         from .weights import build_weights_from_dict
         g = load_gguf(path)
         config = ModelConfig.from_dict(g.config, source=path)
-        return ModelSpec(spec, config, build_weights_from_dict(config, g.tensors, path), path)
+        return ModelSpec(spec, config, build_weights_from_dict(config, g.tensors, path), path, g)
     from .weights import load_safetensors_weights
     config = ModelConfig.from_file(os.path.join(path, "config.json"))
     return ModelSpec(spec, config, load_safetensors_weights(path, config))
@@ -171,6 +172,8 @@ class LlmFastEngine:
         from .model import Model
         set_num_threads(threads)
         self.model = Model(spec.config, spec.weights)
+        if spec.gguf is not None:   # as llm_fast.load does
+            spec.gguf.release_unused_pages(self.model.weights.arrays())
         if activations:
             self.model.set_activations(activations)
 

@@ -53,6 +53,37 @@ class GGUFModel:
     add_bos: bool
     chat_template: Optional[str]
     metadata: dict = field(repr=False, default_factory=dict)  # scalar metadata (no vocab arrays)
+    mapping: object = field(repr=False, default=None)  # the file's read-only np.memmap
+
+    def release_unused_pages(self, in_use) -> int:
+        """Drop from this process's resident set the pages of the file mapping that no array
+        in `in_use` (the model's final matrices: ndarrays or QTensors) points into: the metadata, and tensors that
+        were copied (un-permuted Q/K, fused QKV and gate/up). The pages stay in the OS page
+        cache and would fault back in if read again, so this is always safe. Returns the
+        number of bytes advised away (0 where madvise is unavailable)."""
+        mm = self.mapping
+        raw = getattr(mm, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        base, size = mm.ctypes.data, mm.nbytes
+        page = mmap.PAGESIZE
+        used = []
+        for a in in_use:
+            if not isinstance(a, np.ndarray):
+                a = a.data                      # a QTensor: its uint8 blocks
+            lo = a.ctypes.data
+            if base <= lo < base + size:
+                used.append((lo - base, lo - base + a.nbytes))
+        used.sort()
+        freed, pos = 0, 0
+        for lo, hi in used + [(size, size)]:
+            start = -(-pos // page) * page          # whole pages strictly between used ranges
+            end = lo // page * page
+            if end > start:
+                raw.madvise(mmap.MADV_DONTNEED, start, end - start)
+                freed += end - start
+            pos = max(pos, hi)
+        return freed
 
 
 # ------------------------------------------------------------------ structural pre-check
@@ -690,4 +721,4 @@ def _build(path, reader, with_tokenizer):
     return GGUFModel(path=path, config=config, tensors=tensors, tokenizer=tk,
                      bos_token_id=bos, eos_token_ids=eog, add_bos=add_bos,
                      chat_template=template if isinstance(template, str) else None,
-                     metadata=meta)
+                     metadata=meta, mapping=reader.data)

@@ -96,7 +96,10 @@ def _model_from_gguf(g, path: str, quantize, max_chunk: int) -> Model:
     from .weights import build_weights_from_dict
     config = ModelConfig.from_dict(g.config, source=path)
     weights = build_weights_from_dict(config, g.tensors, path, quantize=quantize)
-    return Model(config, weights, max_chunk=max_chunk)
+    model = Model(config, weights, max_chunk=max_chunk)
+    # the file pages of copied tensors and of the metadata are no longer needed in memory
+    g.release_unused_pages(model.weights.arrays())
+    return model
 
 
 def load(path: str | None = None, quantize: str | None = None, activations: str | None = None):

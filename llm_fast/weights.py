@@ -39,9 +39,9 @@ class Weights:
     norm: np.ndarray                      # (hidden,)
     lm_head: Matrix                       # (vocab, hidden); the same object as embed_tokens when tied
 
-    def nbytes(self) -> int:
-        """Bytes of weights read per decoded token (the lm_head counted once even when tied)."""
-        seen, total = set(), 0
+    def arrays(self) -> list:
+        """Every weight matrix and vector once (a tied lm_head is the embedding object)."""
+        seen, out = set(), []
         mats = [self.embed_tokens, self.lm_head, self.norm]
         for lw in self.layers:
             mats += [lw.input_layernorm, lw.qkv_proj, lw.o_proj, lw.post_attention_layernorm,
@@ -49,8 +49,12 @@ class Weights:
         for m in mats:
             if id(m) not in seen:
                 seen.add(id(m))
-                total += int(m.nbytes)
-        return total
+                out.append(m)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes of weights read per decoded token (the lm_head counted once even when tied)."""
+        return sum(int(m.nbytes) for m in self.arrays())
 
 
 def _is_float_matrix(m) -> bool:
