@@ -61,7 +61,8 @@ cdef int PAR_QUANT_ROWS = 8  # quantize activation rows in parallel from this ma
 # ------------------------------------------------------------------ threads and SIMD level
 
 def set_num_threads(int n):
-    """Set the OpenMP thread count used by all llm_fast kernels (omp_set_num_threads)."""
+    """Set the OpenMP thread count of the kernels called from this Python thread
+    (omp_set_num_threads: a per-thread setting; see runtime.set_num_threads)."""
     if n < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
     lfq_set_num_threads(n)

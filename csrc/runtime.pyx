@@ -5,7 +5,9 @@ _LEVELS = {0: "scalar", 1: "avx2", 2: "avx512"}
 
 
 def set_num_threads(int n):
-    """Threads used by every parallel kernel from now on (all modules share one OpenMP runtime)."""
+    """Threads used by every parallel kernel called from this Python thread from now on (all
+    modules share one OpenMP runtime; the setting is OpenMP's per-thread nthreads-var, so a new
+    thread starts with the default — all cores — until it calls this too)."""
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     omp_set_num_threads(n)
