@@ -115,14 +115,43 @@ class Sampler:
         return order, probs / probs.sum()
 
     def sample(self, logits: np.ndarray, context_ids=()) -> int:
-        if self.params.greedy and self.params.repetition_penalty == 1.0:
+        p = self.params
+        if p.greedy and p.repetition_penalty == 1.0:
             return int(np.argmax(logits))
+        if not p.greedy and p.top_p >= 1.0 and p.min_p == 0.0:
+            return self._draw_without_cut(logits, context_ids)
         ids, probs = self.candidates(logits, context_ids)
         if len(ids) == 1:
             return int(ids[0])
         u = self.rng.random()
         j = int(np.searchsorted(np.cumsum(probs), u, side="right"))
         return int(ids[min(j, len(ids) - 1)])
+
+
+    def _draw_without_cut(self, logits: np.ndarray, context_ids) -> int:
+        """The draw of sample() when nothing is cut after top-k (top_p = 1, min_p = 0, e.g.
+        OpenAI's defaults): the same token as walking the whole most-likely-first order with
+        the same uniform number, but only the head of that order that the walk reaches is
+        sorted (~1 ms instead of ~4 ms for a full 49k-token sort)."""
+        p = self.params
+        x = np.array(logits, dtype=np.float64, copy=True)
+        apply_repetition_penalty(x, context_ids, p.repetition_penalty)
+        x /= p.temperature
+        n = x.shape[0]
+        ids = np.argpartition(-x, p.top_k - 1)[:p.top_k] if 0 < p.top_k < n else np.arange(n)
+        e = np.exp(x[ids] - x[ids].max())
+        probs = e / e.sum()
+        probs = probs / probs.sum()
+        u = self.rng.random()
+        size = min(len(ids), self._CANDIDATES)
+        while True:
+            head = np.argpartition(-probs, size - 1)[:size] if size < len(ids) else np.arange(len(ids))
+            head = head[np.lexsort((ids[head], -probs[head]))]
+            csum = np.cumsum(probs[head])
+            if size == len(ids) or csum[-1] > u:
+                j = int(np.searchsorted(csum, u, side="right"))
+                return int(ids[head[min(j, size - 1)]])
+            size = min(len(ids), size * 8)
 
 
 def _top_p_cut_partial(probs: np.ndarray, top_p: float) -> int:

@@ -292,3 +292,23 @@ def test_big_vocab_top_k_above_candidates_then_top_p():
     p = np.sort(p / p.sum())[::-1]
     assert p[:1024].sum() >= 0.3 and p[:2000].sum() < 0.6
     assert_same_candidates(logits, SamplingParams(top_k=2000, top_p=0.3), what="heavy_head")
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_k=0, seed=3),
+                                    SamplingParams(temperature=1.3, top_k=0, seed=4),
+                                    SamplingParams(temperature=1.0, top_k=2000, seed=5),
+                                    SamplingParams(temperature=0.9, top_k=0, repetition_penalty=1.3, seed=6)])
+def test_draw_without_top_p_equals_the_full_order_walk(params):
+    """top_p = 1, min_p = 0 (OpenAI's defaults): sample() sorts only the head of the order it
+    walks; the token equals the full most-likely-first walk with the same uniform number."""
+    rng = np.random.default_rng(11)
+    fast, slow = Sampler(params), Sampler(params)
+    context = [5, 17, 40000]
+    for trial in range(150):
+        scale = (0.5, 3.0, 12.0)[trial % 3]           # flat (long walks) to peaky
+        logits = (rng.standard_normal(49152) * scale).astype(np.float32)
+        got = fast.sample(logits, context)
+        ids, probs = slow.candidates(logits, context)
+        u = slow.rng.random()
+        j = int(np.searchsorted(np.cumsum(probs), u, side="right"))
+        assert got == int(ids[min(j, len(ids) - 1)]), trial
