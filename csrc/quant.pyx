@@ -163,7 +163,7 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     cdef uint8_t *scratch
     cdef int8_t *xq = NULL
     cdef float *xf = NULL
-    cdef float *xr = NULL   # float scratch of the f32 path
+    cdef float *deq = NULL   # dequantized weight tiles of the f32 path, one per thread
     cdef int tile = ROW_TILE
     cdef int nthreads
     cdef bint quantized
@@ -205,7 +205,7 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
     if qtype <= 2 and exact_act:
         # float activations: each thread dequantizes its weight tile into its own scratch
         nthreads = max(lfq_get_num_threads(), 1)
-        xr = <float *>ws.reserve(nthreads * tile * cols * sizeof(float))
+        deq = <float *>ws.reserve(nthreads * tile * cols * sizeof(float))
         with nogil:
             for t in prange(ntiles, schedule="static", num_threads=nthreads):
                 r0 = t * tile
@@ -213,7 +213,7 @@ def matmul(int qtype, const uint8_t[:, ::1] w, int64_t cols, const float[:, ::1]
                 if nr > tile:
                     nr = tile
                 lfq_rows_deq_gemm(qtype, level, &w[r0, 0], w.shape[1], nr, K, &x[0, 0], cols,
-                                  <int>m, &out[0, r0], rows, beta, xr + threadid() * tile * cols)
+                                  <int>m, &out[0, r0], rows, beta, deq + threadid() * tile * cols)
         return
     with nogil:
         if quantized and limbs == 1:

@@ -79,23 +79,31 @@ class Sampler:
     def __call__(self, logits: np.ndarray, context_ids=()) -> int:
         return self.sample(logits, context_ids)
 
-    def candidates(self, logits: np.ndarray, context_ids=()):
-        """(ids, probabilities) the draw chooses from, most likely first (probs sum to 1)."""
-        p = self.params
+    def _penalized(self, logits: np.ndarray, context_ids) -> np.ndarray:
+        """The logits after the repetition penalty, in the sampler's own float32 buffer."""
         if self._work is None or self._work.shape != logits.shape:
             self._work = np.empty_like(logits, dtype=np.float32)
-        x = self._work
-        np.copyto(x, logits)
-        apply_repetition_penalty(x, context_ids, p.repetition_penalty)
-        if p.greedy:
-            i = int(np.argmax(x))
-            return np.array([i]), np.array([1.0])
-        x = x.astype(np.float64) / p.temperature
+        np.copyto(self._work, logits)
+        apply_repetition_penalty(self._work, context_ids, self.params.repetition_penalty)
+        return self._work
+
+    def _top_k_probs(self, logits: np.ndarray, context_ids):
+        """(ids, softmax probabilities) after penalty, temperature and top-k, in no order."""
+        p = self.params
+        x = self._penalized(logits, context_ids).astype(np.float64) / p.temperature
         n = x.shape[0]
         # top-k: keep the k largest logits; the softmax then runs over those k only.
         ids = np.argpartition(-x, p.top_k - 1)[:p.top_k] if 0 < p.top_k < n else np.arange(n)
         e = np.exp(x[ids] - x[ids].max())
-        probs = e / e.sum()
+        return ids, e / e.sum()
+
+    def candidates(self, logits: np.ndarray, context_ids=()):
+        """(ids, probabilities) the draw chooses from, most likely first (probs sum to 1)."""
+        p = self.params
+        if p.greedy:
+            x = self._penalized(logits, context_ids)
+            return np.array([int(np.argmax(x))]), np.array([1.0])
+        ids, probs = self._top_k_probs(logits, context_ids)
         # Most likely first, ties by lower id. Only the head of the order is needed for top-p,
         # so sort a window of candidates and widen it only if it holds less than top_p mass.
         size = len(ids) if p.top_p >= 1.0 else min(len(ids), self._CANDIDATES)
@@ -133,14 +141,7 @@ class Sampler:
         OpenAI's defaults): the same token as walking the whole most-likely-first order with
         the same uniform number, but only the head of that order that the walk reaches is
         sorted (~1 ms instead of ~4 ms for a full 49k-token sort)."""
-        p = self.params
-        x = np.array(logits, dtype=np.float64, copy=True)
-        apply_repetition_penalty(x, context_ids, p.repetition_penalty)
-        x /= p.temperature
-        n = x.shape[0]
-        ids = np.argpartition(-x, p.top_k - 1)[:p.top_k] if 0 < p.top_k < n else np.arange(n)
-        e = np.exp(x[ids] - x[ids].max())
-        probs = e / e.sum()
+        ids, probs = self._top_k_probs(logits, context_ids)
         probs = probs / probs.sum()
         u = self.rng.random()
         size = min(len(ids), self._CANDIDATES)
