@@ -73,12 +73,15 @@ def load_model(path: str | None = None, quantize: str | None = None, max_chunk: 
     path = resolve_model_path(path)
     if _is_gguf(path):
         from .gguf_file import load_gguf
-        model = _model_from_gguf(load_gguf(path, with_tokenizer=False), path, quantize, max_chunk)
-    else:
-        from .weights import load_safetensors_weights
-        config = ModelConfig.from_file(os.path.join(path, "config.json"))
-        weights = load_safetensors_weights(path, config, quantize=quantize)
-        model = Model(config, weights, max_chunk=max_chunk)
+        return _model_from_gguf(load_gguf(path, with_tokenizer=False), path, quantize, max_chunk,
+                                activations)
+    from .weights import load_safetensors_weights
+    config = ModelConfig.from_file(os.path.join(path, "config.json"))
+    weights = load_safetensors_weights(path, config, quantize=quantize)
+    return _activations_set(Model(config, weights, max_chunk=max_chunk), activations)
+
+
+def _activations_set(model: Model, activations) -> Model:
     if activations is not None:
         model.set_activations(activations)
     return model
@@ -92,14 +95,14 @@ def load_tokenizer(path: str | None = None):
     return Tokenizer.from_dir(path)
 
 
-def _model_from_gguf(g, path: str, quantize, max_chunk: int) -> Model:
+def _model_from_gguf(g, path: str, quantize, max_chunk: int, activations=None) -> Model:
     from .weights import build_weights_from_dict
     config = ModelConfig.from_dict(g.config, source=path)
     weights = build_weights_from_dict(config, g.tensors, path, quantize=quantize)
     model = Model(config, weights, max_chunk=max_chunk)
     # the file pages of copied tensors and of the metadata are no longer needed in memory
     g.release_unused_pages(model.weights.arrays())
-    return model
+    return _activations_set(model, activations)
 
 
 def load(path: str | None = None, quantize: str | None = None, activations: str | None = None):
@@ -111,8 +114,6 @@ def load(path: str | None = None, quantize: str | None = None, activations: str 
         from .gguf_file import load_gguf
         from .tokenizer import Tokenizer
         g = load_gguf(path)
-        model = _model_from_gguf(g, path, quantize, 256)
-        if activations is not None:
-            model.set_activations(activations)
-        return model, Tokenizer.from_gguf(path, gguf_data=g)
+        return (_model_from_gguf(g, path, quantize, 256, activations),
+                Tokenizer.from_gguf(path, gguf_data=g))
     return load_model(path, quantize=quantize, activations=activations), load_tokenizer(path)

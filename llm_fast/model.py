@@ -56,11 +56,7 @@ class Model:
     def quantized_matrices(self) -> list:
         """The block-quantized / F16 / BF16 weight matrices (QTensor) of the model."""
         from .quant import QTensor
-        w = self.weights
-        out = [v for v in vars(w).values() if isinstance(v, QTensor)]
-        for lw in w.layers:
-            out += [v for v in vars(lw).values() if isinstance(v, QTensor)]
-        return out
+        return [m for m in self.weights.arrays() if isinstance(m, QTensor)]
 
     def set_activations(self, mode: str) -> None:
         """How the quantized matrices take their input ("auto" | "q8" | "q8x2" | "f32"; see
